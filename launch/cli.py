@@ -1,0 +1,4 @@
+"""Entry point of the `longtrain` command."""
+
+def main():
+    print("longtrain")

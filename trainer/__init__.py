@@ -1,0 +1,1 @@
+"""longtrain.trainer: recipe, model, data, parallelism, checkpoints and the training loop."""
