@@ -30,16 +30,18 @@ def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, seq = u.shape
-    # Discretisation for all steps at once: (batch, dim, seq, state).
-    decay = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])
-    drive = (delta * u).unsqueeze(-1) * B.transpose(1, 2)[:, None, :, :]
+    # Discretisation for all steps at once, sequence-major so each step is one unbind slice
+    # (slicing a sequence-minor tensor per step makes autograd write a full-size gradient per step).
+    decay = torch.exp(torch.einsum("bdl,dn->lbdn", delta, A))
+    drive = torch.einsum("bdl,bnl->lbdn", delta * u, B)
     h = (initial_state.to(compute) if initial_state is not None
          else u.new_zeros(batch, dim, A.shape[1]))
-    ys = []
-    for t in range(seq):
-        h = decay[:, :, t] * h + drive[:, :, t]
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
-    y = torch.stack(ys, dim=-1) if seq else u.new_zeros(batch, dim, 0)
+    states = []
+    for decay_t, drive_t in zip(decay.unbind(0), drive.unbind(0)):
+        h = decay_t * h + drive_t
+        states.append(h)
+    y = (torch.einsum("lbdn,bnl->bdl", torch.stack(states), C) if seq
+         else u.new_zeros(batch, dim, 0))
     if D is not None:
         y = y + u * D.to(compute)[:, None]
     if z is not None:
