@@ -1,0 +1,271 @@
+"""The typed recipe: YAML -> validated pydantic models, with `section.key=value` overrides.
+
+Unknown keys are errors with a "did you mean" suggestion; cross-field checks are small named
+functions run by `Recipe.check`. Each component receives its own sub-config, never the whole recipe.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from longtrain.trainer.errors import LongtrainError
+
+LAYER_LETTERS = {"A": "attention", "M": "mamba", "O": "ode", "F": "mlp"}
+PositiveInt = Field(gt=0)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OdeConfig(Section):
+    solver: Literal["euler", "midpoint", "rk4", "dopri5"] = "rk4"
+    steps: int = Field(4, gt=0, description="fixed-step solvers: number of steps over t in [0, 1]")
+    rtol: float = Field(1e-3, gt=0)
+    atol: float = Field(1e-4, gt=0)
+    max_steps: int = Field(64, gt=0, description="adaptive solvers: cap on accepted + rejected steps")
+    adjoint: bool = False
+    sublayer: Literal["mlp", "attention_mlp"] = "mlp"
+
+
+class ModelConfig(Section):
+    pattern: str = "AMOF"
+    d_model: int = Field(128, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int = Field(2, gt=0)
+    mlp_ratio: float = Field(8 / 3, gt=0)
+    vocab_size: int = Field(4000, gt=0)
+    d_state: int = Field(16, gt=0)
+    d_conv: int = Field(4, gt=0)
+    expand: int = Field(2, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: float = Field(1.0, ge=1.0, description="linear position interpolation factor for length extension")
+    tie_embeddings: bool = True
+    norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    ode: OdeConfig = OdeConfig()
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def d_hidden(self) -> int:
+        return 16 * ((int(self.mlp_ratio * self.d_model) + 15) // 16)
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4000, gt=0)
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    path: str | None = Field(None, description="an existing sentencepiece .model; trained from the corpus when None")
+
+
+class DataConfig(Section):
+    corpus: list[str] = Field(default_factory=lambda: ["stdlib"],
+                              description="'stdlib' (Python's own sources), files, directories, or .jsonl files")
+    text_field: str = "text"
+    max_bytes: int = Field(8_000_000, gt=0, description="read at most this many bytes of corpus")
+    seq_len: int = Field(256, gt=0)
+    eval_fraction: float = Field(0.02, gt=0, lt=0.5)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    task: Literal["text", "passkey", "mqar"] = "text"
+
+
+class TrainConfig(Section):
+    steps: int = Field(300, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    eval_interval: int = Field(50, gt=0)
+    eval_batches: int = Field(4, gt=0)
+    log_interval: int = Field(10, gt=0)
+    sample_tokens: int = Field(64, ge=0, description="tokens generated at the end of training (0: none)")
+    threads: int | None = Field(None, gt=0, description="CPU threads per process (None: torch's default)")
+
+
+class CheckpointConfig(Section):
+    interval: int = Field(100, gt=0)
+    keep_last: int = Field(2, gt=0)
+
+
+class RunConfig(Section):
+    dir: str | None = Field(None, description="run directory; default runs/<recipe name>")
+    seed: int = 0
+
+
+class KernelsConfig(Section):
+    attention: str = "auto"
+    scan: str = "auto"
+
+
+class ParallelConfig(Section):
+    tp: int = Field(1, gt=0)
+    pp: int = Field(1, gt=0)
+    cp: int = Field(1, gt=0)
+    dp: int | None = Field(None, gt=0, description="data-parallel size; inferred from the world size when None")
+    zero_stage: int = Field(0, ge=0, le=3)
+    micro_batches: int = Field(1, gt=0, description="pipeline micro-batches per step (pp > 1)")
+
+
+class Recipe(Section):
+    name: str = "run"
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    kernels: KernelsConfig = KernelsConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or os.path.join("runs", self.name))
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        for check in CHECKS:
+            check(self)
+        return self
+
+
+# ---- cross-field checks: each names the fields and the fix ----
+
+def check_pattern(r: Recipe) -> None:
+    bad = sorted(set(r.model.pattern) - set(LAYER_LETTERS))
+    if not r.model.pattern or bad:
+        valid = ", ".join(f"{k}={v}" for k, v in LAYER_LETTERS.items())
+        raise ValueError(f"model.pattern={r.model.pattern!r} has unknown letter(s) {''.join(bad) or '(empty)'}; valid: {valid}")
+
+
+def check_heads(r: Recipe) -> None:
+    m = r.model
+    if m.d_model % m.n_heads:
+        raise ValueError(f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}")
+    if m.n_heads % m.n_kv_heads:
+        raise ValueError(f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+    if m.head_dim % 2:
+        raise ValueError(f"head dim model.d_model/model.n_heads={m.head_dim} must be even for rotary embeddings")
+
+
+def check_vocab(r: Recipe) -> None:
+    if r.data.tokenizer.path is None and r.data.tokenizer.vocab_size != r.model.vocab_size:
+        raise ValueError(f"data.tokenizer.vocab_size={r.data.tokenizer.vocab_size} differs from "
+                         f"model.vocab_size={r.model.vocab_size}; set both to the same value")
+
+
+def check_warmup(r: Recipe) -> None:
+    if r.train.warmup_steps >= r.train.steps and r.train.steps > 1:
+        raise ValueError(f"train.warmup_steps={r.train.warmup_steps} must be below train.steps={r.train.steps}")
+
+
+CHECKS = [check_pattern, check_heads, check_vocab, check_warmup]
+
+
+# ---- loading ----
+
+def _suggest(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_fields(cls, loc):
+    """The pydantic model class at a dotted location, for suggestions."""
+    for part in loc:
+        field = cls.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        cls = field.annotation
+    return cls
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"]]
+    where = ".".join(loc)
+    if e["type"] == "extra_forbidden":
+        parent = _model_fields(Recipe, loc[:-1])
+        hint = _suggest(loc[-1], parent.model_fields) if parent else ""
+        return f"{source}: unknown key {where!r}{hint}"
+    if e["type"] == "value_error":
+        return f"{source}: {str(e['msg']).removeprefix('Value error, ')}"
+    value = e.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return f"{source}: {where or 'recipe'}: {e['msg']}{shown}"
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['train.steps=10', 'model.pattern=AMF'] -> nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise LongtrainError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise LongtrainError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (safe loader), apply overrides, validate. Raises LongtrainError in one line."""
+    if path is None:
+        path = default_recipe_path()
+    path = Path(path)
+    if not path.is_file():
+        raise LongtrainError(f"recipe file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise LongtrainError(f"{path}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise LongtrainError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(_merge(raw, parse_overrides(list(overrides))), source=str(path))
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise LongtrainError(_one_line(e, source)) from None
+
+
+def default_recipe_path() -> Path:
+    """The quickstart recipe shipped inside the package (the embedded default)."""
+    import longtrain.recipes
+    return Path(list(longtrain.recipes.__path__)[0]) / "quickstart.yaml"
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,40 @@
+"""Causal self-attention with grouped-query heads (Ainslie et al. 2023) and rotary positions.
+
+The kernel is `longtrain.kernels.attention.attention`; `attend` can be swapped by context
+parallelism for the ring exchange, which sees the same (batch, seq, heads, head_dim) layout.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from longtrain.kernels.attention import attention
+from longtrain.trainer.model.layers import apply_rotary, rotary_tables
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, linears, backend: str = "auto"):
+        super().__init__()
+        tp = linears.tp
+        self.head_dim = cfg.head_dim
+        self.heads = cfg.n_heads // tp
+        self.kv_heads = cfg.n_kv_heads // tp
+        self.theta, self.scaling = cfg.rope_theta, cfg.rope_scaling
+        self.backend = backend
+        self.q = linears.column(cfg.d_model, cfg.n_heads * cfg.head_dim)
+        self.k = linears.column(cfg.d_model, cfg.n_kv_heads * cfg.head_dim)
+        self.v = linears.column(cfg.d_model, cfg.n_kv_heads * cfg.head_dim)
+        self.out = linears.row(cfg.n_heads * cfg.head_dim, cfg.d_model)
+        self.attend = self._local_attend
+
+    def _local_attend(self, q, k, v):
+        return attention(q, k, v, causal=True, backend=self.backend)
+
+    def forward(self, x, positions=None):
+        """x: (batch, seq, d_model); positions: optional (seq,) absolute token positions."""
+        batch, seq, _ = x.shape
+        q = self.q(x).view(batch, seq, self.heads, self.head_dim)
+        k = self.k(x).view(batch, seq, self.kv_heads, self.head_dim)
+        v = self.v(x).view(batch, seq, self.kv_heads, self.head_dim)
+        cos, sin = rotary_tables(seq, self.head_dim, self.theta, self.scaling, device=x.device, positions=positions)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.out(self.attend(q, k, v).reshape(batch, seq, self.heads * self.head_dim))

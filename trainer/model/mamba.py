@@ -1,0 +1,78 @@
+"""Mamba block (Gu & Dao 2023): input projection, causal depthwise conv, selective SSM, gated output.
+
+The inner channels are split over tp shards: in/out projections, the conv and the scan all act
+on this rank's channels only. `scan` is `longtrain.kernels.scan.selective_scan`, swappable by
+context parallelism (state passing from rank to rank).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longtrain.kernels.scan import selective_scan
+
+
+class Mamba(nn.Module):
+    def __init__(self, cfg, linears, backend: str = "auto"):
+        super().__init__()
+        tp = linears.tp
+        d_inner = cfg.d_inner
+        self.local_inner = d_inner // tp
+        self.d_state = cfg.d_state
+        self.dt_rank = math.ceil(cfg.d_model / 16)
+        self.backend = backend
+        self.in_x = linears.column(cfg.d_model, d_inner)
+        self.in_z = linears.column(cfg.d_model, d_inner)
+        self.conv_weight = nn.Parameter(torch.empty(self.local_inner, cfg.d_conv))
+        self.conv_bias = nn.Parameter(torch.zeros(self.local_inner))
+        nn.init.uniform_(self.conv_weight, -1 / math.sqrt(cfg.d_conv), 1 / math.sqrt(cfg.d_conv))
+        self.x_proj = linears.row(d_inner, self.dt_rank + 2 * cfg.d_state)
+        self.dt_proj = linears.column(self.dt_rank, d_inner)
+        # delta = softplus(dt_proj(x) + dt_bias) starts in [1e-3, 1e-1], log-uniform (Mamba's init).
+        dt = torch.exp(torch.rand(self.local_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).repeat(self.local_inner, 1))
+        self.D = nn.Parameter(torch.ones(self.local_inner))
+        self.out = linears.row(d_inner, cfg.d_model)
+        self.scan = self._local_scan
+
+    def _local_scan(self, u, delta, A, B, C, D, z, delta_bias, initial_state=None, return_last_state=False):
+        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True,
+                              initial_state=initial_state, return_last_state=return_last_state, backend=self.backend)
+
+    def conv(self, x, conv_state=None):
+        """Causal depthwise conv over seq. x: (batch, channels, seq); conv_state: (batch, channels, d_conv-1)."""
+        width = self.conv_weight.shape[1]
+        pad = conv_state if conv_state is not None else x.new_zeros(x.shape[0], x.shape[1], width - 1)
+        padded = torch.cat([pad, x], dim=-1)
+        y = F.conv1d(padded, self.conv_weight.unsqueeze(1), self.conv_bias, groups=x.shape[1])
+        return y, padded[..., -(width - 1):]
+
+    def project(self, x):
+        """x: (batch, seq, d_model) -> u, z: (batch, local_inner, seq) before the conv."""
+        return self.in_x(x).transpose(1, 2), self.in_z(x).transpose(1, 2)
+
+    def ssm_inputs(self, u):
+        """u: (batch, local_inner, seq) after conv+silu -> delta (batch, inner, seq), B, C (batch, state, seq)."""
+        x_dbl = self.x_proj(u.transpose(1, 2))  # (batch, seq, dt_rank + 2 * state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = self.dt_proj(dt).transpose(1, 2)
+        return delta, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+
+    def forward(self, x, state=None):
+        """x: (batch, seq, d_model) -> (batch, seq, d_model). With `state` (a dict holding 'conv' and
+        'ssm', or empty), continues from it and updates it in place (recurrent generation)."""
+        u, z = self.project(x)
+        u, conv_state = self.conv(u, None if state is None else state.get("conv"))
+        u = F.silu(u)
+        delta, B, C = self.ssm_inputs(u)
+        A = -torch.exp(self.A_log.float())
+        y = self.scan(u, delta, A, B, C, self.D.float(), z, self.dt_bias.float(),
+                      initial_state=None if state is None else state.get("ssm"), return_last_state=state is not None)
+        if state is not None:
+            y, state["ssm"] = y
+            state["conv"] = conv_state
+        return self.out(y.transpose(1, 2))
