@@ -1,4 +1,61 @@
-"""Entry point of the `longtrain` command."""
+"""The `longtrain` command.
 
-def main():
-    print("longtrain")
+    longtrain train [RECIPE] [--resume auto|PATH] [section.key=value ...]
+With no RECIPE, trains the quickstart recipe shipped with the package. Errors in user input are
+printed as one line (no traceback) and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from longtrain.trainer.errors import LongtrainError
+
+
+def _split_recipe(args_recipe, overrides):
+    """`longtrain train train.steps=5` has no recipe path: the first positional is an override."""
+    if args_recipe is not None and "=" in args_recipe and not os.path.exists(args_recipe):
+        return None, [args_recipe, *overrides]
+    return args_recipe, list(overrides)
+
+
+def cmd_train(args) -> int:
+    from longtrain.trainer.config import load_recipe
+    from longtrain.trainer.loop import train
+
+    recipe_path, overrides = _split_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(recipe_path, overrides)
+    train(recipe, resume=args.resume)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longtrain", description="Train long-context hybrid language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a recipe (default: the quickstart recipe)")
+    p.add_argument("recipe", nargs="?", help="YAML recipe (default: the packaged quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint path")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LongtrainError as e:
+        print(f"longtrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

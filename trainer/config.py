@@ -170,12 +170,7 @@ def check_vocab(r: Recipe) -> None:
                          f"model.vocab_size={r.model.vocab_size}; set both to the same value")
 
 
-def check_warmup(r: Recipe) -> None:
-    if r.train.warmup_steps >= r.train.steps and r.train.steps > 1:
-        raise ValueError(f"train.warmup_steps={r.train.warmup_steps} must be below train.steps={r.train.steps}")
-
-
-CHECKS = [check_pattern, check_heads, check_vocab, check_warmup]
+CHECKS = [check_pattern, check_heads, check_vocab]
 
 
 # ---- loading ----

@@ -1,0 +1,90 @@
+"""The DeepSpeed engine for every run, world size 1 included, configured from the typed recipe.
+
+Users never write DeepSpeed keys: `deepspeed_config` generates them (DeepSpeed ignores misspelled
+keys silently). The optimizer is torch's AdamW and the schedule linear warmup + cosine decay,
+both handed to the engine, which owns gradient accumulation, clipping and ZeRO partitioning.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
+    """Join (or create, for a single process) the default process group. Returns rank, world, local rank.
+
+    Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them a
+    one-process group is made on 127.0.0.1. gloo on CPU, nccl on GPU.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    else:
+        # DeepSpeed probes for an accelerator and warns when it falls back; name the CPU one outright.
+        from deepspeed.accelerator import set_accelerator
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+        set_accelerator(CPU_Accelerator())
+    if not dist.is_initialized():
+        import datetime
+
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    return rank, world, local_rank
+
+
+def device_for(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def deepspeed_config(train, parallel, dp_size: int) -> dict:
+    """DeepSpeed JSON from the recipe's train and parallel sections."""
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * dp_size,
+        "gradient_clipping": train.grad_clip,  # DeepSpeed's own default is 1.0: always set it
+        "zero_optimization": {"stage": parallel.zero_stage},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(train):
+    """Linear warmup to train.lr, then cosine decay to train.lr * train.min_lr_ratio at train.steps."""
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_engine(model: torch.nn.Module, train, parallel, dp_size: int):
+    """Wrap the model in a DeepSpeed engine with AdamW and the warmup + cosine schedule."""
+    import deepspeed
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(train, parallel, dp_size))
+    return engine, optimizer, scheduler

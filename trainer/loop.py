@@ -1,0 +1,197 @@
+"""The training loop: recipe -> data -> model -> DeepSpeed engine -> steps, evals, checkpoints, logs.
+
+Every check that can fail on user input runs before the process group, the tokenizer or the model
+exist. The loop is resumable at any checkpointed step with results bitwise equal to a run that was
+never interrupted (CPU), and SIGTERM / SIGUSR1 checkpoint the current step before exiting.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from longtrain.trainer import checkpoint as ckpt
+from longtrain.trainer.config import Recipe, save_recipe
+from longtrain.trainer.data.corpus import resolve_sources
+from longtrain.trainer.data.loader import DataLoader, PackedDataset, eval_batches
+from longtrain.trainer.data.shards import prepare
+from longtrain.trainer.engine import build_engine, device_for, init_distributed
+from longtrain.trainer.errors import LongtrainError
+from longtrain.trainer.generate import generate
+from longtrain.trainer.metrics import (MetricsLog, flops_per_token, measured_matmul_flops, peak_memory_bytes,
+                                       progress_line)
+from longtrain.trainer.model.decoder import Decoder, count_parameters, lm_loss
+
+
+class StopSignal:
+    """Remembers a SIGTERM / SIGUSR1 (preemption notice) so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, world: int) -> bool:
+        """True on every rank when any rank received a stop signal."""
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def preflight(recipe: Recipe, resume: str | None) -> Path | None:
+    """Cheap checks of everything the user handed us; returns the checkpoint to resume from."""
+    resolve_sources(recipe.data.corpus)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    p = recipe.parallel
+    model_parallel = p.tp * p.pp * p.cp
+    if world % model_parallel:
+        raise LongtrainError(f"world size {world} is not divisible by parallel.tp*pp*cp={model_parallel}")
+    if model_parallel > 1:
+        raise LongtrainError("parallel.tp, parallel.pp and parallel.cp > 1 are not supported by `longtrain train` yet; "
+                             "use data parallelism (more processes) for now")
+    if p.dp is not None and p.dp != world // model_parallel:
+        raise LongtrainError(f"parallel.dp={p.dp} does not match world size {world} / (tp*pp*cp={model_parallel})")
+    return ckpt.resolve(resume, recipe.run_dir / "checkpoints")
+
+
+def evaluate(engine, dataset, train_cfg, device) -> float:
+    model = engine.module
+    model.eval()
+    losses = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16):
+        for inputs, targets in eval_batches(dataset, train_cfg.micro_batch_size, train_cfg.eval_batches):
+            losses.append(lm_loss(model(inputs.to(device)), targets.to(device)).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(recipe: Recipe, resume: str | None = None) -> dict:
+    """Run the recipe to train.steps (or until a stop signal). Returns the final record."""
+    resume_from = preflight(recipe, resume)
+    run_dir = recipe.run_dir
+    rank, world, local_rank = init_distributed()
+    device = device_for(local_rank)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+        prepare(recipe.data, run_dir / "data", seed=recipe.run.seed)
+    if world > 1:
+        dist.barrier()
+    shards = prepare(recipe.data, run_dir / "data", seed=recipe.run.seed)
+    if shards.tokenizer.vocab_size > recipe.model.vocab_size:
+        raise LongtrainError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's "
+                             f"{shards.tokenizer.vocab_size} pieces")
+    train_set = PackedDataset(shards.splits["train"], recipe.data.seq_len)
+    eval_set = PackedDataset(shards.splits["eval"], recipe.data.seq_len)
+    loader = DataLoader(train_set, recipe.train.micro_batch_size, recipe.train.grad_accum,
+                        dp_rank=rank, dp_size=world, seed=recipe.run.seed)
+    if len(train_set) < loader.global_batch_size:
+        raise LongtrainError(f"data.corpus {recipe.data.corpus} is smaller than one batch: {len(train_set)} sequences of "
+                             f"data.seq_len={recipe.data.seq_len}, global batch {loader.global_batch_size}")
+
+    torch.manual_seed(recipe.run.seed)
+    model = Decoder(recipe.model, attention_backend=recipe.kernels.attention, scan_backend=recipe.kernels.scan,
+                    activation_checkpointing=recipe.train.activation_checkpointing).to(device)
+    engine, optimizer, scheduler = build_engine(model, recipe.train, recipe.parallel, dp_size=world)
+    start_step = 0
+    if resume_from is not None:
+        state = ckpt.load_rank_state(resume_from, rank)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        engine.global_steps, engine.global_samples = state["engine"]["global_steps"], state["engine"]["global_samples"]
+        engine.micro_steps = state["engine"]["micro_steps"]
+        loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        start_step = state["step"]
+    # Torch's RNG after resume must equal the uninterrupted run's, so nothing below draws from it.
+    log = MetricsLog(run_dir, enabled=rank == 0, resume_step=start_step if resume_from else None)
+    log.print(f"longtrain: {recipe.name} | pattern {recipe.model.pattern} | {count_parameters(model):,} parameters | "
+              f"world {world} | device {device.type} | run dir {run_dir}"
+              + (f" | resumed from {resume_from} (step {start_step})" if resume_from else ""))
+    peak_flops = measured_matmul_flops(device)
+    tokens_per_step = loader.global_batch_size * recipe.data.seq_len
+    stop = StopSignal()
+    recipe_text = (run_dir / "recipe.yaml").read_text() if rank == 0 else ""
+
+    def save_checkpoint(step):
+        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": ckpt.rng_state(),
+                 "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                            "micro_steps": engine.micro_steps}}
+        manifest = {"consumed_samples": loader.consumed_samples, "world_size": world,
+                    "layout": recipe.parallel.model_dump(), "recipe_sha256": ckpt.hashlib.sha256(recipe_text.encode()).hexdigest(),
+                    "tokenizer_sha256": ckpt.sha256(shards.tokenizer.path)}
+        path = ckpt.save(run_dir / "checkpoints", step, state, manifest, recipe_text, rank=rank,
+                         barrier=dist.barrier if world > 1 else (lambda: None), keep_last=recipe.checkpoint.keep_last)
+        log.print(f"checkpoint: {path}")
+
+    if start_step == 0:
+        eval_loss = evaluate(engine, eval_set, recipe.train, device)
+        log.write({"step": 0, "eval_loss": eval_loss})
+        log.print(f"step {0:>6}/{recipe.train.steps} | eval loss {eval_loss:.4f}")
+    window_start, window_tokens = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    step = start_step
+    last_saved = start_step if resume_from else None
+    loss_value = float("nan")
+    while step < recipe.train.steps:
+        losses = []
+        for inputs, targets in loader.next_step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.bf16):
+                loss = lm_loss(engine(inputs.to(device)), targets.to(device))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+        step += 1
+        loss_t = torch.stack(losses).mean()
+        if world > 1:
+            dist.all_reduce(loss_t, op=dist.ReduceOp.AVG)
+        loss_value = float(loss_t)
+        window_tokens += tokens_per_step
+        if step % recipe.train.log_interval == 0 or step == recipe.train.steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / elapsed
+            mfu = flops_per_token(model, recipe.data.seq_len) * tokens_per_s / (peak_flops * world)
+            memory = peak_memory_bytes(device)
+            record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
+                      "mfu": mfu, "peak_memory_bytes": memory, "consumed_samples": loader.consumed_samples,
+                      **model.ode_stats()}
+            log.write(record)
+            eta = (time.perf_counter() - run_start) / (step - start_step) * (recipe.train.steps - step)
+            log.print(progress_line(step, recipe.train.steps, loss_value, record["lr"], tokens_per_s, mfu, memory, eta))
+            window_start, window_tokens = time.perf_counter(), 0
+        if step % recipe.train.eval_interval == 0 or step == recipe.train.steps:
+            eval_loss = evaluate(engine, eval_set, recipe.train, device)
+            log.write({"step": step, "eval_loss": eval_loss})
+            log.print(f"step {step:>6}/{recipe.train.steps} | eval loss {eval_loss:.4f}")
+        if step % recipe.checkpoint.interval == 0 or step == recipe.train.steps:
+            save_checkpoint(step)
+            last_saved = step
+        if stop.agreed(world):
+            if last_saved != step:
+                save_checkpoint(step)
+            log.print(f"received {stop.received or 'stop from another rank'}: checkpointed step {step}, exiting")
+            log.close()
+            return {"step": step, "stopped": True}
+    final = {"step": step, "final_loss": loss_value, "final_eval_loss": evaluate(engine, eval_set, recipe.train, device)}
+    if rank == 0 and recipe.train.sample_tokens:
+        prompt = shards.tokenizer.encode("def ")
+        new = generate(model, prompt, recipe.train.sample_tokens, max_context=recipe.data.seq_len)
+        text = shards.tokenizer.decode(prompt + new)
+        (run_dir / "sample.txt").write_text(text)
+        log.print("sample (greedy):\n" + text)
+    log.write(final)
+    log.print(f"done: final loss {loss_value:.4f}, eval loss {final['final_eval_loss']:.4f} -> {run_dir}")
+    log.close()
+    return final

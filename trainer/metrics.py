@@ -1,0 +1,104 @@
+"""Throughput, model FLOPs utilisation, memory, and the three outputs of a run: progress lines,
+metrics.jsonl (one JSON object per record) and TensorBoard events.
+
+MFU follows the PaLM appendix (Chowdhery et al. 2022): model FLOPs per token (6 x parameters for
+forward+backward, plus the attention score term) times tokens/s over the machine's peak, here the
+matmul rate measured on this device at start-up rather than a datasheet number.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def measured_matmul_flops(device: torch.device, dtype=torch.float32, size: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of a square matmul on this device: the peak that MFU is measured against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or count < 3:
+        a @ b
+        count += 1
+    _sync(device)
+    return 2 * size ** 3 * count / (time.perf_counter() - start)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (parameters used per token, O blocks counted once per function
+    evaluation) + attention scores (6 * seq * d per attention layer for causal fwd+bwd)."""
+    cfg = model.cfg
+    total = 0.0
+    for block in model.blocks:
+        params = sum(p.numel() for p in block.parameters())
+        if block.letter == "O":
+            params *= max(block.mixer.last_nfe, 1)
+            if block.mixer.f.attn is not None:
+                total += 6 * seq_len * cfg.d_model * max(block.mixer.last_nfe, 1)
+        if block.letter == "A":
+            total += 6 * seq_len * cfg.d_model
+        total += 6 * params
+    total += 6 * cfg.d_model * cfg.vocab_size  # LM head
+    return total
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class MetricsLog:
+    """Writes records to metrics.jsonl and TensorBoard (rank 0 only), and prints progress lines."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Records past the checkpoint came from the interrupted run; the resumed run writes them again.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step and "final_loss" not in line]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            self.path.unlink(missing_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def progress_line(step: int, total: int, loss: float, lr: float, tokens_per_s: float, mfu: float,
+                  memory: int, eta_s: float) -> str:
+    return (f"step {step:>6}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
+            f"MFU {100 * mfu:.1f}% | mem {memory / 2**30:.2f} GiB | eta {eta_s / 60:.1f} min")
