@@ -81,9 +81,12 @@ class DataLoader:
 
 
 def eval_batches(dataset: PackedDataset, micro_batch_size: int, num_batches: int):
-    """The first num_batches * micro_batch_size held-out samples, in order (the same every eval)."""
+    """num_batches micro-batches of held-out samples spread evenly over the split (the same every eval,
+    and representative of all held-out documents, not only the first few)."""
     size = min(micro_batch_size, len(dataset))
-    count = min(num_batches * size, len(dataset))
-    for start in range(0, count - size + 1, size):
-        rows = torch.from_numpy(np.stack([dataset.get(i) for i in range(start, start + size)]))
+    count = min(num_batches * size, len(dataset) // size * size)
+    stride = len(dataset) / count
+    indices = [int(i * stride) for i in range(count)]
+    for start in range(0, count, size):
+        rows = torch.from_numpy(np.stack([dataset.get(i) for i in indices[start:start + size]]))
         yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

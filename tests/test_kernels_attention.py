@@ -1,0 +1,106 @@
+"""The csrc attention against the reference evaluated in float64 (flash-attn's test rule).
+
+gold = reference in float64, base = reference in the test dtype, fast = csrc in the test dtype;
+for out, lse and every input gradient (with cotangents on both out and lse):
+max|fast - gold| <= 2 max|base - gold| + atol, atol = 1e-5 * max|gold|.
+"""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from longtrain.kernels import attention as attention_module
+from longtrain.kernels.attention import attention
+from longtrain.kernels.registry import BackendError
+
+pytestmark = pytest.mark.skipif(
+    attention_module.registry.select(None, torch.device("cpu"), torch.float32, need_lse=True).name != "csrc",
+    reason="extension longtrain.kernels._C not built")
+
+
+def run(q, k, v, cast, backend, causal, cotangents):
+    leaves = [cast(x).detach().requires_grad_() for x in (q, k, v)]
+    out, lse = attention(*leaves, causal=causal, return_lse=True, backend=backend)
+    finite = torch.isfinite(lse)
+    # Rows that see no key have lse = -inf; they carry no lse gradient.
+    loss = (out.double() * cotangents[0]).sum() + (lse.double().where(finite, 0) * cotangents[1]).sum()
+    loss.backward()
+    results = {"out": out, "lse": lse.where(finite, 0), "dq": leaves[0].grad, "dk": leaves[1].grad,
+               "dv": leaves[2].grad}
+    return {name: x.double() for name, x in results.items()}, finite
+
+
+def check_against_gold(batch, seq_q, seq_k, heads, kv_heads, dim, causal, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq_q, heads, dim, generator=generator).to(dtype)
+    k = torch.randn(batch, seq_k, kv_heads, dim, generator=generator).to(dtype)
+    v = torch.randn(batch, seq_k, kv_heads, dim, generator=generator).to(dtype)
+    cotangents = (torch.randn(batch, seq_q, heads, dim, generator=generator, dtype=torch.float64),
+                  torch.randn(batch, heads, seq_q, generator=generator, dtype=torch.float64))
+    gold, gold_finite = run(q, k, v, lambda x: x.double(), "reference", causal, cotangents)
+    base, _ = run(q, k, v, lambda x: x, "reference", causal, cotangents)
+    fast, fast_finite = run(q, k, v, lambda x: x, "csrc", causal, cotangents)
+    assert torch.equal(fast_finite, gold_finite), "rows with no visible key must have lse = -inf"
+    for name in gold:
+        atol = 1e-5 * gold[name].abs().max().item()
+        fast_err = (fast[name] - gold[name]).abs().max().item()
+        base_err = (base[name] - gold[name]).abs().max().item()
+        assert fast_err <= 2 * base_err + atol, f"{name}: csrc error {fast_err:.3g} vs reference {base_err:.3g}"
+
+
+SHAPES = [  # batch, seq_q, seq_k, heads, kv_heads, dim
+    (1, 1, 1, 2, 2, 16),
+    (2, 77, 77, 4, 2, 32),       # seq not a multiple of any tile
+    (1, 129, 300, 4, 1, 64),     # seq_q < seq_k, GQA ratio 4
+    (1, 300, 129, 2, 2, 64),     # seq_q > seq_k: causal rows that see no key
+    (1, 200, 200, 8, 4, 40),     # GQA ratio 2, odd head dim
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_attention_matches_float64_reference(shape, causal, dtype):
+    check_against_gold(*shape, causal=causal, dtype=dtype, seed=sum(shape) + causal)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_long_sequence(dtype):
+    check_against_gold(1, 1500, 1700, 4, 2, 64, causal=True, dtype=dtype, seed=1)
+
+
+def test_default_scale_and_output_only():
+    q, k, v = (torch.randn(1, 50, 2, 16) for _ in range(3))
+    out = attention(q, k, v, causal=True, backend="csrc")
+    expected, _ = attention_module.reference(q, k, v, causal=True, softmax_scale=1 / math.sqrt(16))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_named_backends():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(BackendError, match="valid choices: auto, flash_attn, csrc, torch, reference"):
+        attention(q, q, q, backend="no_such_backend")
+    with pytest.raises(BackendError, match="valid choices here: auto, csrc, reference"):
+        attention(q, q, q, return_lse=True, backend="torch")
+    with pytest.raises(BackendError, match="CUDA only"):
+        attention(q, q, q, backend="flash_attn")
+
+
+@pytest.mark.slow
+def test_peak_memory_grows_linearly():
+    """Forward and backward at 2x the sequence length use about 2x the memory, not 4x."""
+    script = """
+import resource, sys, torch
+from longtrain.kernels.attention import attention
+seq = int(sys.argv[1])
+q, k, v = (torch.randn(1, seq, 8, 64, requires_grad=True) for _ in range(3))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+attention(q, k, v, causal=True, backend="csrc").sum().backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+    growth = [int(subprocess.run([sys.executable, "-c", script, str(seq)], capture_output=True, text=True,
+                                 check=True).stdout) for seq in (4096, 8192)]
+    assert growth[1] < 3 * growth[0], f"peak memory growth {growth} KiB is not linear in the sequence length"
