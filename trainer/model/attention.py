@@ -5,6 +5,7 @@ parallelism for the ring exchange, which sees the same (batch, seq, heads, head_
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from longtrain.kernels.attention import attention
@@ -29,12 +30,25 @@ class Attention(nn.Module):
     def _local_attend(self, q, k, v):
         return attention(q, k, v, causal=True, backend=self.backend)
 
-    def forward(self, x, positions=None):
-        """x: (batch, seq, d_model); positions: optional (seq,) absolute token positions."""
+    def forward(self, x, positions=None, state=None):
+        """x: (batch, seq, d_model); positions: optional (seq,) absolute token positions.
+
+        With `state` (a dict, empty on the first call) the rotated keys and values of earlier calls are
+        kept in it as 'k', 'v': (batch, past, kv_heads, head_dim) and attended to (KV cache for
+        generation); positions then continue from `past`.
+        """
         batch, seq, _ = x.shape
+        past = state["k"].shape[1] if state else 0
         q = self.q(x).view(batch, seq, self.heads, self.head_dim)
         k = self.k(x).view(batch, seq, self.kv_heads, self.head_dim)
         v = self.v(x).view(batch, seq, self.kv_heads, self.head_dim)
-        cos, sin = rotary_tables(seq, self.head_dim, self.theta, self.scaling, device=x.device, positions=positions)
+        cos, sin = rotary_tables(seq, self.head_dim, self.theta, self.scaling, offset=past, device=x.device,
+                                 positions=positions)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is not None:
+            if past:
+                k, v = torch.cat([state["k"], k], dim=1), torch.cat([state["v"], v], dim=1)
+            state["k"], state["v"] = k, v
+            # Bottom-right aligned causal mask: the new queries see every cached key.
+            return self.out(attention(q, k, v, causal=True, backend=self.backend).reshape(batch, seq, -1))
         return self.out(self.attend(q, k, v).reshape(batch, seq, self.heads * self.head_dim))
