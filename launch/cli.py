@@ -1,6 +1,7 @@
 """The `longtrain` command.
 
     longtrain train [RECIPE] [--resume auto|PATH] [section.key=value ...]
+    longtrain plan RECIPE [--world-size N] [section.key=value ...]
 With no RECIPE, trains the quickstart recipe shipped with the package. Errors in user input are
 printed as one line (no traceback) and exit with status 2.
 """
@@ -12,6 +13,7 @@ import os
 import sys
 import warnings
 
+from longtrain.launch.plan import add_parser as add_plan_parser
 from longtrain.trainer.errors import LongtrainError
 
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint path")
     p.set_defaults(func=cmd_train)
+    add_plan_parser(sub)
     return parser
 
 

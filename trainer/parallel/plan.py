@@ -1,0 +1,332 @@
+"""The layout plan: checks a recipe's tp / pp / cp / dp against its model and batch, places ranks,
+counts parameters and estimates memory per rank, and balances pipeline stages. No devices needed.
+
+Rank order follows megatron-core's `parallel_state` default (`order="tp-cp-ep-dp-pp"`): tp varies
+fastest, then cp, then dp, then pp. Memory follows the ZeRO paper (Rajbhandari et al. 2020, sec. 3):
+with mixed precision each parameter costs 2 bytes (bf16 weights) + 2 (bf16 gradients) + K = 12
+(fp32 master weights, Adam m and v); in float32, 4 + 4 + 8. ZeRO stage 1 partitions the optimizer
+states, 2 also the gradients, 3 also the weights, over the data-parallel group (dp x cp here).
+Activations are estimated per block type at seq_len / cp tokens with flash-style attention (O(seq)).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from longtrain.trainer.errors import LongtrainError
+
+GIB = 1024 ** 3
+RK_STAGES = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 6}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of the four parallel dimensions; world = tp * cp * dp * pp."""
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    def coordinates(self, rank: int) -> dict:
+        """Global rank -> {tp, cp, dp, pp} in megatron-core's default order (tp fastest)."""
+        tp, rest = rank % self.tp, rank // self.tp
+        cp, rest = rest % self.cp, rest // self.cp
+        dp, pp = rest % self.dp, rest // self.dp
+        return {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
+
+    def rank(self, tp=0, cp=0, dp=0, pp=0) -> int:
+        return tp + self.tp * (cp + self.cp * (dp + self.dp * pp))
+
+    def groups(self, dim: str) -> list[list[int]]:
+        """All groups of ranks that differ only in `dim` ('tp', 'cp', 'dp', 'pp'), each sorted."""
+        out: dict[tuple, list[int]] = {}
+        for r in range(self.world):
+            c = self.coordinates(r)
+            key = tuple(v for k, v in c.items() if k != dim)
+            out.setdefault(key, []).append(r)
+        return sorted(out.values())
+
+
+# ---- checks: each names the fields and the fix ----
+
+def resolve_layout(parallel, world_size: int | None) -> Layout:
+    """The layout for `world_size` processes (None: the recipe's tp*pp*cp*dp, which needs parallel.dp)."""
+    model_parallel = parallel.tp * parallel.pp * parallel.cp
+    if world_size is None:
+        if parallel.dp is None:
+            raise LongtrainError("no world size: pass --world-size or set parallel.dp in the recipe")
+        world_size = model_parallel * parallel.dp
+    if world_size <= 0:
+        raise LongtrainError(f"world size {world_size} must be positive")
+    if world_size % model_parallel:
+        raise LongtrainError(f"world size {world_size} is not divisible by parallel.tp*pp*cp="
+                             f"{parallel.tp}*{parallel.pp}*{parallel.cp}={model_parallel}")
+    dp = world_size // model_parallel
+    if parallel.dp is not None and parallel.dp != dp:
+        raise LongtrainError(f"parallel.dp={parallel.dp} does not match world size {world_size} / "
+                             f"(parallel.tp*pp*cp={model_parallel}) = {dp}; remove parallel.dp or set it to {dp}")
+    return Layout(tp=parallel.tp, pp=parallel.pp, cp=parallel.cp, dp=dp)
+
+
+def check_tensor_parallel(model, tp: int) -> None:
+    if tp == 1:
+        return
+    letters = set(model.pattern)
+    needs = []
+    if "A" in letters or (("O" in letters) and model.ode.sublayer == "attention_mlp"):
+        needs += [("model.n_heads", model.n_heads), ("model.n_kv_heads", model.n_kv_heads)]
+    if "M" in letters:
+        needs.append(("Mamba inner width model.expand*model.d_model", model.d_inner))
+    if letters & {"F", "O"}:
+        needs.append(("MLP hidden width from model.mlp_ratio*model.d_model", model.d_hidden))
+    needs.append(("model.vocab_size", model.vocab_size))
+    for name, value in needs:
+        if value % tp:
+            raise LongtrainError(f"parallel.tp={tp} does not divide {name}={value}")
+
+
+def check_pipeline(recipe, pp: int) -> None:
+    n_layers = len(recipe.model.pattern)
+    if pp > n_layers:
+        raise LongtrainError(f"parallel.pp={pp} is more pipeline stages than layers in model.pattern "
+                             f"{recipe.model.pattern!r} ({n_layers})")
+    if pp > 1 and recipe.parallel.zero_stage > 1:
+        raise LongtrainError(f"parallel.zero_stage={recipe.parallel.zero_stage} with parallel.pp={pp}: DeepSpeed's "
+                             "pipeline engine supports ZeRO stage 0 or 1 only; set parallel.zero_stage=1")
+
+
+def check_context_parallel(recipe, cp: int) -> None:
+    seq = recipe.data.seq_len
+    if seq % (2 * cp):
+        raise LongtrainError(f"data.seq_len={seq} is not divisible by 2*parallel.cp={2 * cp} "
+                             "(the zigzag split gives each cp rank two equal chunks)")
+    chunk = seq // (2 * cp)
+    if cp > 1 and "M" in recipe.model.pattern and chunk < recipe.model.d_conv - 1:
+        raise LongtrainError(f"data.seq_len/(2*parallel.cp)={chunk} is shorter than model.d_conv-1="
+                             f"{recipe.model.d_conv - 1}: each zigzag chunk must hold the Mamba conv's history")
+
+
+def check_batch(recipe, layout: Layout) -> None:
+    p, t = recipe.parallel, recipe.train
+    if layout.pp > 1 and t.grad_accum != 1:
+        raise LongtrainError(f"train.grad_accum={t.grad_accum} with parallel.pp={layout.pp}: the pipeline accumulates "
+                             "over parallel.micro_batches; set train.grad_accum=1 and parallel.micro_batches instead")
+    if layout.pp == 1 and p.micro_batches != 1:
+        raise LongtrainError(f"parallel.micro_batches={p.micro_batches} applies only with parallel.pp > 1; "
+                             "use train.grad_accum to accumulate micro-batches")
+
+
+def check_layout(recipe, world_size: int | None) -> Layout:
+    """Every check of the layout against model and batch; returns the layout or raises LongtrainError."""
+    layout = resolve_layout(recipe.parallel, world_size)
+    check_tensor_parallel(recipe.model, layout.tp)
+    check_pipeline(recipe, layout.pp)
+    check_context_parallel(recipe, layout.cp)
+    check_batch(recipe, layout)
+    return layout
+
+
+# ---- parameters, from the model code itself on the meta device ----
+
+class ShardShapes:
+    """A `Linears` with the local shapes of one tensor-parallel rank, for counting on the meta device."""
+
+    def __init__(self, tp: int):
+        self.tp = tp
+
+    def column(self, in_features, out_features, bias=False):
+        return nn.Linear(in_features, out_features // self.tp, bias=bias)
+
+    def row(self, in_features, out_features, bias=False):
+        return nn.Linear(in_features // self.tp, out_features, bias=bias)
+
+    def embedding(self, vocab, dim):
+        return nn.Embedding(vocab // self.tp, dim)
+
+
+def block_parameters(model_cfg, tp: int = 1) -> dict[str, int]:
+    """Parameters of one block of each letter in the pattern, on one tp rank."""
+    from longtrain.trainer.model.decoder import make_block
+
+    with torch.device("meta"):
+        return {letter: sum(p.numel() for p in make_block(letter, model_cfg, ShardShapes(tp)).parameters())
+                for letter in sorted(set(model_cfg.pattern))}
+
+
+# ---- cost per block (forward FLOPs per token) and stage balance ----
+
+def function_evaluations(ode_cfg) -> int:
+    """Vector-field evaluations of one O block per forward pass (dopri5: a guess of 4 accepted steps)."""
+    steps = ode_cfg.steps if ode_cfg.solver != "dopri5" else min(4, ode_cfg.max_steps)
+    return RK_STAGES[ode_cfg.solver] * steps
+
+
+def block_cost(letter: str, model_cfg, seq_len: int, params: int) -> float:
+    """Forward FLOPs per token: 2 per weight, attention scores 2 * seq * d (causal average), the scan ~9 per
+    (channel, state). O blocks pay their vector field once per function evaluation."""
+    m = model_cfg
+    cost = 2.0 * params
+    if letter == "A":
+        cost += 2.0 * seq_len * m.d_model
+    elif letter == "M":
+        cost += 9.0 * m.d_inner * m.d_state
+    elif letter == "O":
+        if m.ode.sublayer == "attention_mlp":
+            cost += 2.0 * seq_len * m.d_model
+        cost *= function_evaluations(m.ode)
+    return cost
+
+
+def partition(costs: list[float], stages: int) -> list[int]:
+    """Contiguous split of `costs` into `stages` non-empty parts minimising the largest part.
+    Returns boundaries [0, b1, ..., len(costs)] (DeepSpeed's `parts` format)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    bounds, i = [n], n
+    for s in range(stages, 0, -1):
+        i = cut[s][i]
+        bounds.append(i)
+    return bounds[::-1]
+
+
+# ---- activations ----
+
+def activation_elements(letter: str, model_cfg, tp: int) -> float:
+    """Elements per token kept for the backward pass by one block (rough, from the block code):
+    the residual input and norm output (2 d) plus each intermediate the block's autograd saves."""
+    m = model_cfg
+    d = m.d_model
+    if letter == "A":
+        q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+        # q, k, v projections, rotated q and k, attention output, its log-sum-exp (float32: 2 elements)
+        return 2 * d + (q + 2 * kv + q + kv + q + 2 * m.n_heads) / tp
+    if letter == "M":
+        dt_rank = math.ceil(d / 16)
+        # in_x, in_z, conv out, silu out, delta, scan out, gated out; x_proj output is full width
+        return 2 * d + 7 * m.d_inner / tp + dt_rank + 2 * m.d_state
+    mlp = 2 * d + 3 * m.d_hidden / tp  # norm in/out, gate, up, silu(gate)*up
+    if letter == "F":
+        return mlp
+    if letter == "O":
+        per_eval = mlp + (activation_elements("A", m, tp) if m.ode.sublayer == "attention_mlp" else 0)
+        evals = 1 if m.ode.adjoint else function_evaluations(m.ode)
+        return per_eval * evals + 2 * d  # state at each step
+    raise ValueError(letter)
+
+
+@dataclass
+class StagePlan:
+    layers: str
+    first_layer: int
+    params: int
+    cost: float
+    memory: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    stages: list[StagePlan]
+    total_params: int
+    notes: list[str]
+
+    @property
+    def max_memory_bytes(self) -> float:
+        return max(s.memory["total"] for s in self.stages)
+
+
+def build_plan(recipe, world_size: int | None = None) -> Plan:
+    """Check the layout and estimate parameters, memory and cost per pipeline stage (one rank of each)."""
+    layout = check_layout(recipe, world_size)
+    m, t = recipe.model, recipe.train
+    local = block_parameters(m, layout.tp)
+    dense = block_parameters(m, 1)
+    embed_local = (m.vocab_size // layout.tp) * m.d_model
+    head_local = embed_local  # tied: the head reuses the embedding; untied: a column-parallel (vocab/tp, d)
+    costs = [block_cost(c, m, recipe.data.seq_len, dense[c]) for c in m.pattern]
+    bounds = partition(costs, layout.pp)
+    total_params = sum(dense[c] for c in m.pattern) + m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
+    bytes_per_element = 2 if t.bf16 else 4
+    optimizer_bytes = 12 if t.bf16 else 8
+    zero_group = layout.dp * layout.cp
+    tokens = t.micro_batch_size * recipe.data.seq_len // layout.cp
+    stages = []
+    for s in range(layout.pp):
+        letters = m.pattern[bounds[s]:bounds[s + 1]]
+        params = sum(local[c] for c in letters)
+        if s == 0:
+            params += embed_local
+        if s == layout.pp - 1:
+            params += m.d_model + (head_local if (not m.tie_embeddings or layout.pp > 1) else 0)
+        stage = StagePlan(letters, bounds[s], params, sum(costs[bounds[s]:bounds[s + 1]]))
+        stage.memory = stage_memory(recipe, layout, stage, s, tokens, bytes_per_element, optimizer_bytes, zero_group)
+        stages.append(stage)
+    notes = []
+    if layout.pp > 1 and recipe.parallel.micro_batches < layout.pp:
+        notes.append(f"parallel.micro_batches={recipe.parallel.micro_batches} < parallel.pp={layout.pp}: "
+                     "the 1F1B pipeline idles; use at least pp micro-batches")
+    return Plan(layout, stages, total_params, notes)
+
+
+def stage_memory(recipe, layout, stage, index, tokens, bytes_per_element, optimizer_bytes, zero_group) -> dict:
+    m, t, zero = recipe.model, recipe.train, recipe.parallel.zero_stage
+    weights = stage.params * bytes_per_element / (zero_group if zero >= 3 else 1)
+    grads = stage.params * bytes_per_element / (zero_group if zero >= 2 else 1)
+    optimizer = stage.params * optimizer_bytes / (zero_group if zero >= 1 else 1)
+    per_block = [activation_elements(c, m, layout.tp) * tokens * bytes_per_element for c in stage.layers]
+    if t.activation_checkpointing:
+        stored = len(stage.layers) * m.d_model * tokens * bytes_per_element + max(per_block, default=0)
+    else:
+        stored = sum(per_block)
+    # 1F1B: stage i holds the activations of up to (pp - i) micro-batches in flight.
+    in_flight = min(layout.pp - index, recipe.parallel.micro_batches) if layout.pp > 1 else 1
+    activations = stored * in_flight
+    if index == layout.pp - 1:  # float32 logits and their gradient, on the vocab shard
+        activations += 2 * tokens * (m.vocab_size // layout.tp) * 4
+    total = weights + grads + optimizer + activations
+    return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations, "total": total}
+
+
+def format_plan(recipe, plan: Plan, max_rank_lines: int = 64) -> str:
+    lay = plan.layout
+    lines = [f"plan: {recipe.name} | world {lay.world} = tp {lay.tp} x cp {lay.cp} x dp {lay.dp} x pp {lay.pp} | "
+             f"{plan.total_params / 1e9:.3f} B parameters | pattern {recipe.model.pattern} | "
+             f"seq_len {recipe.data.seq_len} ({recipe.data.seq_len // lay.cp} per cp rank) | "
+             f"zero {recipe.parallel.zero_stage} | {'bf16' if recipe.train.bf16 else 'float32'}",
+             "ranks (megatron order: tp fastest, then cp, dp, pp):"]
+    for r in range(min(lay.world, max_rank_lines)):
+        c = lay.coordinates(r)
+        lines.append(f"  rank {r:>4}: tp {c['tp']} cp {c['cp']} dp {c['dp']} pp {c['pp']}")
+    if lay.world > max_rank_lines:
+        lines.append(f"  ... {lay.world - max_rank_lines} more (rank = tp + tp*(cp + cp*(dp + dp*pp)))")
+    total_cost = sum(s.cost for s in plan.stages)
+    lines.append("stages (one rank of each; memory per rank in GiB):")
+    for i, s in enumerate(plan.stages):
+        mem = s.memory
+        lines.append(f"  stage {i}: layers {s.first_layer}-{s.first_layer + len(s.layers) - 1} {s.layers} | "
+                     f"cost {100 * s.cost / total_cost:.1f}% | params/rank {s.params / 1e6:.1f} M | "
+                     f"weights {mem['weights'] / GIB:.2f} grads {mem['grads'] / GIB:.2f} "
+                     f"optimizer {mem['optimizer'] / GIB:.2f} activations {mem['activations'] / GIB:.2f} "
+                     f"= {mem['total'] / GIB:.2f}")
+    lines.append(f"largest estimated memory per rank: {plan.max_memory_bytes / GIB:.2f} GiB")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
