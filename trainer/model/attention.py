@@ -26,6 +26,7 @@ class Attention(nn.Module):
         self.v = linears.column(cfg.d_model, cfg.n_kv_heads * cfg.head_dim)
         self.out = linears.row(cfg.n_heads * cfg.head_dim, cfg.d_model)
         self.attend = self._local_attend
+        self.positions = None  # optional (seq, device) -> (seq,) absolute positions; set by context parallelism
 
     def _local_attend(self, q, k, v):
         return attention(q, k, v, causal=True, backend=self.backend)
@@ -39,6 +40,8 @@ class Attention(nn.Module):
         """
         batch, seq, _ = x.shape
         past = state["k"].shape[1] if state else 0
+        if positions is None and state is None and self.positions is not None:
+            positions = self.positions(seq, x.device)
         q = self.q(x).view(batch, seq, self.heads, self.head_dim)
         k = self.k(x).view(batch, seq, self.kv_heads, self.head_dim)
         v = self.v(x).view(batch, seq, self.kv_heads, self.head_dim)

@@ -108,6 +108,9 @@ def check_context_parallel(recipe, cp: int) -> None:
         raise LongtrainError(f"data.seq_len={seq} is not divisible by 2*parallel.cp={2 * cp} "
                              "(the zigzag split gives each cp rank two equal chunks)")
     chunk = seq // (2 * cp)
+    if cp > 1 and "O" in recipe.model.pattern and recipe.model.ode.solver == "dopri5":
+        raise LongtrainError(f"model.ode.solver=dopri5 with parallel.cp={cp}: adaptive step sizes would differ between "
+                             "cp ranks; use a fixed-step solver (euler, midpoint, rk4)")
     if cp > 1 and "M" in recipe.model.pattern and chunk < recipe.model.d_conv - 1:
         raise LongtrainError(f"data.seq_len/(2*parallel.cp)={chunk} is shorter than model.d_conv-1="
                              f"{recipe.model.d_conv - 1}: each zigzag chunk must hold the Mamba conv's history")

@@ -1,0 +1,43 @@
+"""Run a function on N real processes joined in a gloo group, and collect what each rank returns.
+
+    results = run_ranks(fn, world=4, args=(...))   # fn(rank, world, *args) -> picklable (torch.save) value
+fn must live at module level of an importable module (spawned children import it). Each process
+uses one thread; a hung collective fails after `timeout_s` instead of blocking the suite.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, fn, world, port, out_dir, args, timeout_s):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, args: tuple = (), timeout_s: float = 240.0) -> list:
+    """fn(rank, world, *args) on `world` spawned gloo processes; returns the per-rank results in rank order."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_worker, args=(fn, world, _free_port(), out_dir, args, timeout_s), nprocs=world,
+                           join=True, start_method="spawn")
+        return [torch.load(Path(out_dir) / f"{rank}.pt", weights_only=False) for rank in range(world)]

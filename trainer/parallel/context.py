@@ -1,0 +1,285 @@
+"""Context parallelism: one sequence split over the cp ranks of a group, every block exact.
+
+Zigzag split (the load-balanced layout of Brandon et al. 2023, "Striped Attention", and Megatron's
+context parallelism): the sequence is cut into 2*cp equal chunks and rank r holds chunks r and
+2cp-1-r, so each rank does the same share of causal attention work.
+
+- Attention: ring attention (Liu et al. 2023, "Ring Attention with Blockwise Transformers"). K/V
+  blocks travel around the cp ring by point-to-point sends; each rank attends its query chunks to
+  every block that precedes them and merges the partial results by their log-sum-exp. The backward
+  pass runs the ring again, recomputing each block through the kernel's autograd, and the dK/dV
+  accumulators travel with the blocks until they are home.
+- Mamba: the scan is linear in its state, h_out = P h_in + h_out(0) with P = exp(A * sum(delta)).
+  Each rank scans its chunks from a zero state, the (h_out(0), P) pairs of all chunks are gathered
+  and composed in sequence order to give each chunk its carry-in, and a second scan with zero input
+  adds the carry-in's contribution. The causal conv takes the previous chunk's last d_conv-1 inputs.
+  Gradients flow through the gather (its backward sums the gradients of all ranks).
+- Token-wise blocks (F, O with the MLP sublayer) need nothing.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from longtrain.kernels.attention import attention
+from longtrain.trainer.errors import LongtrainError
+
+
+# ---- the zigzag layout ----
+
+def zigzag_chunks(cp: int, rank: int) -> tuple[int, int]:
+    """The two chunk indices (of 2*cp) held by cp rank `rank`."""
+    return rank, 2 * cp - 1 - rank
+
+
+def check_zigzag(seq_len: int, cp: int) -> int:
+    """Chunk length; raises when seq_len cannot be split into 2*cp equal chunks."""
+    if seq_len % (2 * cp):
+        raise LongtrainError(f"sequence length {seq_len} is not divisible by 2*parallel.cp={2 * cp} "
+                             "(data.seq_len must split into 2*cp equal zigzag chunks)")
+    return seq_len // (2 * cp)
+
+
+def zigzag_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """(seq_len / cp,) absolute positions of this rank's tokens, in local order."""
+    chunk = check_zigzag(seq_len, cp)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in zigzag_chunks(cp, rank)])
+
+
+def zigzag_split(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
+    """This rank's slice of the full-sequence tensor x along `dim` (its two chunks, concatenated)."""
+    chunk = check_zigzag(x.shape[dim], cp)
+    a, b = zigzag_chunks(cp, rank)
+    return torch.cat([x.narrow(dim, a * chunk, chunk), x.narrow(dim, b * chunk, chunk)], dim=dim)
+
+
+def zigzag_merge(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    """Inverse of zigzag_split: the local slices of all cp ranks, in rank order -> the full sequence."""
+    cp = len(parts)
+    chunks = [None] * (2 * cp)
+    for rank, part in enumerate(parts):
+        first, second = part.chunk(2, dim=dim)
+        a, b = zigzag_chunks(cp, rank)
+        chunks[a], chunks[b] = first, second
+    return torch.cat(chunks, dim=dim)
+
+
+# ---- collectives with gradients ----
+
+class _AllGather(torch.autograd.Function):
+    """x -> (group size, *x.shape), every rank's x. Backward: the gradients of all ranks, summed, for mine."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def all_gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    return _AllGather.apply(x, group)
+
+
+def _ring_exchange(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Send each tensor to the next rank of the ring and receive the previous rank's; returns those."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    send_to = dist.get_global_rank(group, (rank + 1) % size)
+    recv_from = dist.get_global_rank(group, (rank - 1) % size)
+    received = [torch.empty_like(t) for t in tensors]
+    ops = []
+    for t, r in zip(tensors, received):
+        ops.append(dist.P2POp(dist.isend, t.contiguous(), send_to, group))
+        ops.append(dist.P2POp(dist.irecv, r, recv_from, group))
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return received
+
+
+# ---- ring attention ----
+
+def _pairs(cp: int, me: int, source: int):
+    """(local query slot, source key slot, causal) for every query chunk of mine that sees a key chunk of source."""
+    for qi, qc in enumerate(zigzag_chunks(cp, me)):
+        for ki, kc in enumerate(zigzag_chunks(cp, source)):
+            if kc <= qc:
+                yield qi, ki, kc == qc
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, backend, scale):
+        cp, me = dist.get_world_size(group), dist.get_rank(group)
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q_chunks, k_chunks, v_chunks = q.chunk(2, dim=1), k.chunk(2, dim=1), v.chunk(2, dim=1)
+        out = [None, None]
+        lse = [None, None]
+        kv = (k, v)
+        for step in range(cp):
+            source = (me - step) % cp
+            k_chunks, v_chunks = kv[0].chunk(2, dim=1), kv[1].chunk(2, dim=1)
+            for qi, ki, causal in _pairs(cp, me, source):
+                o, l = attention(q_chunks[qi], k_chunks[ki], v_chunks[ki], causal=causal, softmax_scale=scale,
+                                 return_lse=True, backend=backend)
+                o, l = o.to(compute), l.to(compute)
+                if out[qi] is None:
+                    out[qi], lse[qi] = o, l
+                else:
+                    merged = torch.logaddexp(lse[qi], l)
+                    out[qi] = (out[qi] * torch.exp(lse[qi] - merged).transpose(1, 2).unsqueeze(-1)
+                               + o * torch.exp(l - merged).transpose(1, 2).unsqueeze(-1))
+                    lse[qi] = merged
+            if step < cp - 1:
+                kv = _ring_exchange(list(kv), group)
+        out_full = torch.cat(out, dim=1)
+        lse_full = torch.cat(lse, dim=2)
+        ctx.save_for_backward(q, k, v, out_full, lse_full)
+        ctx.group, ctx.backend, ctx.scale = group, backend, scale
+        return out_full.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, cp, me = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        compute = out.dtype
+        dout = dout.to(compute)
+        # d lse_i = w_i (<dO, o_i> - <dO, O>) with w_i = exp(lse_i - lse): the softmax merge's derivative.
+        row_dot = (dout * out).sum(-1).transpose(1, 2)  # (batch, heads, seq)
+        q_chunks = q.chunk(2, dim=1)
+        douts, lses, row_dots = dout.chunk(2, dim=1), lse.chunk(2, dim=2), row_dot.chunk(2, dim=2)
+        dq = [torch.zeros_like(c, dtype=compute) for c in q_chunks]
+        kv = (k, v)
+        dkv = (torch.zeros_like(k, dtype=compute), torch.zeros_like(v, dtype=compute))
+        for step in range(cp):
+            source = (me - step) % cp
+            k_chunks, v_chunks = kv[0].chunk(2, dim=1), kv[1].chunk(2, dim=1)
+            dk_chunks, dv_chunks = dkv[0].chunk(2, dim=1), dkv[1].chunk(2, dim=1)
+            for qi, ki, causal in _pairs(cp, me, source):
+                qb, kb, vb = (t.detach().requires_grad_() for t in (q_chunks[qi], k_chunks[ki], v_chunks[ki]))
+                with torch.enable_grad():
+                    o, l = attention(qb, kb, vb, causal=causal, softmax_scale=ctx.scale, return_lse=True,
+                                     backend=ctx.backend)
+                    weight = torch.exp(l.to(compute) - lses[qi])  # (batch, heads, seq_chunk)
+                    d_o = douts[qi] * weight.transpose(1, 2).unsqueeze(-1)
+                    d_l = weight * ((douts[qi] * o.to(compute)).sum(-1).transpose(1, 2) - row_dots[qi])
+                    dq_b, dk_b, dv_b = torch.autograd.grad((o, l), (qb, kb, vb), (d_o.to(o.dtype), d_l.to(l.dtype)))
+                dq[qi] += dq_b
+                dk_chunks[ki].add_(dk_b)
+                dv_chunks[ki].add_(dv_b)
+            # The accumulators travel with their block; after cp hops both are home.
+            if step < cp - 1:
+                kv = _ring_exchange(list(kv), group)
+            dkv = tuple(_ring_exchange(list(dkv), group))
+        return torch.cat(dq, dim=1).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+
+
+def ring_attention(q, k, v, group, backend: str | None = "auto", softmax_scale: float | None = None):
+    """Causal attention over a zigzag-split sequence. q: (batch, 2*chunk, heads, head_dim) and
+    k, v: (batch, 2*chunk, kv_heads, head_dim) hold this rank's two chunks; returns out like q."""
+    if q.shape[1] % 2:
+        raise LongtrainError(f"ring attention needs two equal zigzag chunks per rank, got local length {q.shape[1]}")
+    return _RingAttention.apply(q, k, v, group, backend, softmax_scale)
+
+
+# ---- Mamba: conv history and scan state across ranks ----
+
+def _chunk_owner(cp: int, chunk: int) -> tuple[int, int]:
+    """(cp rank, local slot) holding chunk index `chunk`."""
+    return (chunk, 0) if chunk < cp else (2 * cp - 1 - chunk, 1)
+
+
+def context_parallel_conv(conv, group, x, conv_state=None):
+    """Mamba's causal conv over this rank's two chunks, each continuing from its predecessor's inputs.
+    conv: the block's own conv(x, conv_state); x: (batch, channels, 2*chunk)."""
+    if conv_state is not None:
+        raise LongtrainError("decoding with a conv state is not supported under context parallelism")
+    cp, me = dist.get_world_size(group), dist.get_rank(group)
+    history = conv.__self__.conv_weight.shape[1] - 1
+    chunks = x.chunk(2, dim=-1)
+    if chunks[0].shape[-1] < history:
+        raise LongtrainError(f"zigzag chunk of {chunks[0].shape[-1]} tokens is shorter than the Mamba conv "
+                             f"history {history} (model.d_conv - 1); use a longer data.seq_len or a smaller parallel.cp")
+    tails = all_gather_with_grad(torch.stack([c[..., c.shape[-1] - history:] for c in chunks]), group)
+    outputs = []
+    for slot, index in enumerate(zigzag_chunks(cp, me)):
+        previous = None
+        if index > 0 and history > 0:
+            owner, owner_slot = _chunk_owner(cp, index - 1)
+            previous = tails[owner, owner_slot]
+        y, _ = conv(chunks[slot], previous)
+        outputs.append(y)
+    return torch.cat(outputs, dim=-1), x[..., x.shape[-1] - history:]
+
+
+def context_parallel_scan(scan, group, u, delta, A, B, C, D, z, delta_bias, initial_state=None, return_last_state=False):
+    """Mamba's scan (delta_softplus=True) over this rank's two chunks, each starting from the state the
+    unsplit scan would have there. Same arguments as Mamba.scan; sequence tensors hold both chunks."""
+    if initial_state is not None or return_last_state:
+        raise LongtrainError("decoding with an SSM state is not supported under context parallelism")
+    cp, me = dist.get_world_size(group), dist.get_rank(group)
+    pieces = [t.chunk(2, dim=-1) if t is not None else (None, None) for t in (u, delta, B, C, z)]
+    zero_state_out, summaries = [], []
+    for slot in range(2):
+        u_s, delta_s, B_s, C_s, z_s = (p[slot] for p in pieces)
+        y, last = scan(u_s, delta_s, A, B_s, C_s, D, z_s, delta_bias, initial_state=None, return_last_state=True)
+        compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+        step = delta_s.to(compute) + (delta_bias.to(compute)[:, None] if delta_bias is not None else 0)
+        decay = torch.exp(A.to(compute)[None] * F.softplus(step).sum(-1)[..., None])  # (batch, dim, state)
+        zero_state_out.append(y)
+        summaries.append(torch.stack([last.to(decay.dtype), decay]))
+    gathered = all_gather_with_grad(torch.stack(summaries), group)  # (cp, slot, {last, decay}, batch, dim, state)
+    carry = [torch.zeros_like(gathered[0, 0, 0])]
+    for index in range(2 * cp - 1):
+        owner, slot = _chunk_owner(cp, index)
+        last, decay = gathered[owner, slot]
+        carry.append(decay * carry[-1] + last)
+    outputs = []
+    for slot, index in enumerate(zigzag_chunks(cp, me)):
+        y = zero_state_out[slot]
+        if index > 0:
+            u_s, delta_s, B_s, C_s, z_s = (p[slot] for p in pieces)
+            # With zero input the scan only carries the initial state: y_t = <C_t, P_t h_in> * silu(z_t).
+            y = y + scan(torch.zeros_like(u_s), delta_s, A, B_s, C_s, None, z_s, delta_bias,
+                         initial_state=carry[index], return_last_state=False)
+        outputs.append(y)
+    return torch.cat(outputs, dim=-1)
+
+
+# ---- applying it to a model ----
+
+def apply_context_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
+    """Swap the sequence-mixing hooks of every attention and Mamba module in `model` for their
+    context-parallel versions over `group` (in place; returns the model). The model then takes this
+    rank's zigzag slice of each sequence. A group of size 1 leaves the model untouched."""
+    from longtrain.trainer.model.attention import Attention
+    from longtrain.trainer.model.mamba import Mamba
+    from longtrain.trainer.model.ode import ODEBlock
+
+    cp = dist.get_world_size(group)
+    if cp == 1:
+        return model
+    rank = dist.get_rank(group)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attend = functools.partial(ring_attention, group=group, backend=module.backend)
+            module.positions = functools.partial(_local_positions, cp=cp, rank=rank)
+        elif isinstance(module, Mamba):
+            module.conv = functools.partial(context_parallel_conv, module.conv, group)
+            module.scan = functools.partial(context_parallel_scan, module.scan, group)
+        elif isinstance(module, ODEBlock) and module.ode.solver == "dopri5":
+            raise LongtrainError("model.ode.solver=dopri5 with parallel.cp > 1: adaptive step sizes would differ "
+                                 "between cp ranks; use a fixed-step solver (euler, midpoint, rk4)")
+    return model
+
+
+def _local_positions(seq: int, device=None, *, cp: int, rank: int) -> torch.Tensor:
+    return zigzag_positions(seq * cp, cp, rank, device=device)
