@@ -19,6 +19,8 @@ from longtrain.trainer.config import Recipe, save_recipe
 from longtrain.trainer.data.corpus import resolve_sources
 from longtrain.trainer.data.loader import DataLoader, PackedDataset, eval_batches
 from longtrain.trainer.data.shards import prepare
+from longtrain.trainer.data.tasks import (TaskDataset, TaskLoader, answer_accuracy, first_question, make_task,
+                                        task_eval_batches)
 from longtrain.trainer.engine import build_engine, device_for, init_distributed
 from longtrain.trainer.errors import LongtrainError
 from longtrain.trainer.generate import generate
@@ -48,7 +50,8 @@ class StopSignal:
 
 def preflight(recipe: Recipe, resume: str | None) -> Path | None:
     """Cheap checks of everything the user handed us; returns the checkpoint to resume from."""
-    resolve_sources(recipe.data.corpus)
+    if recipe.data.task == "text":
+        resolve_sources(recipe.data.corpus)
     world = int(os.environ.get("WORLD_SIZE", 1))
     p = recipe.parallel
     model_parallel = p.tp * p.pp * p.cp
@@ -67,27 +70,26 @@ def evaluate(engine, dataset, train_cfg, device) -> float:
     model.eval()
     losses = []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16):
-        for inputs, targets in eval_batches(dataset, train_cfg.micro_batch_size, train_cfg.eval_batches):
+        batches = task_eval_batches if isinstance(dataset, TaskDataset) else eval_batches
+        for inputs, targets in batches(dataset, train_cfg.micro_batch_size, train_cfg.eval_batches):
             losses.append(lm_loss(model(inputs.to(device)), targets.to(device)).item())
     model.train()
     return sum(losses) / len(losses)
 
 
-def train(recipe: Recipe, resume: str | None = None) -> dict:
-    """Run the recipe to train.steps (or until a stop signal). Returns the final record."""
-    resume_from = preflight(recipe, resume)
-    run_dir = recipe.run_dir
-    rank, world, local_rank = init_distributed()
-    device = device_for(local_rank)
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
-        prepare(recipe.data, run_dir / "data", seed=recipe.run.seed)
-    if world > 1:
-        dist.barrier()
-    shards = prepare(recipe.data, run_dir / "data", seed=recipe.run.seed)
+def build_data(recipe: Recipe, rank: int, world: int):
+    """(train set, eval set, loader, token shards) for data.task; the shards are None for synthetic tasks."""
+    if recipe.data.task != "text":
+        task = make_task(recipe.data)
+        if task.vocab.size > recipe.model.vocab_size:
+            raise LongtrainError(f"model.vocab_size={recipe.model.vocab_size} is smaller than data.task="
+                                 f"{recipe.data.task}'s vocabulary of {task.vocab.size} symbols")
+        train_set = TaskDataset(task, recipe.data.seq_len, "train", recipe.run.seed)
+        eval_set = TaskDataset(task, recipe.data.seq_len, "eval", recipe.run.seed)
+        loader = TaskLoader(train_set, recipe.train.micro_batch_size, recipe.train.grad_accum,
+                            dp_rank=rank, dp_size=world, seed=recipe.run.seed)
+        return train_set, eval_set, loader, None
+    shards = prepare(recipe.data, recipe.run_dir / "data", seed=recipe.run.seed)
     if shards.tokenizer.vocab_size > recipe.model.vocab_size:
         raise LongtrainError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's "
                              f"{shards.tokenizer.vocab_size} pieces")
@@ -98,6 +100,26 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     if len(train_set) < loader.global_batch_size:
         raise LongtrainError(f"data.corpus {recipe.data.corpus} is smaller than one batch: {len(train_set)} sequences of "
                              f"data.seq_len={recipe.data.seq_len}, global batch {loader.global_batch_size}")
+    return train_set, eval_set, loader, shards
+
+
+def train(recipe: Recipe, resume: str | None = None) -> dict:
+    """Run the recipe to train.steps (or until a stop signal). Returns the final record."""
+    resume_from = preflight(recipe, resume)
+    run_dir = recipe.run_dir
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    if int(os.environ.get("RANK", 0)) == 0:
+        # Before the process group: a bad corpus fails here in seconds; other ranks wait at the barrier.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+        if recipe.data.task == "text":
+            prepare(recipe.data, run_dir / "data", seed=recipe.run.seed)
+    rank, world, local_rank = init_distributed()
+    device = device_for(local_rank)
+    if world > 1:
+        dist.barrier()
+    train_set, eval_set, loader, shards = build_data(recipe, rank, world)
 
     torch.manual_seed(recipe.run.seed)
     model = Decoder(recipe.model, attention_backend=recipe.kernels.attention, scan_backend=recipe.kernels.scan,
@@ -131,7 +153,7 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
                             "micro_steps": engine.micro_steps}}
         manifest = {"consumed_samples": loader.consumed_samples, "world_size": world,
                     "layout": recipe.parallel.model_dump(), "recipe_sha256": ckpt.hashlib.sha256(recipe_text.encode()).hexdigest(),
-                    "tokenizer_sha256": ckpt.sha256(shards.tokenizer.path)}
+                    "tokenizer_sha256": ckpt.sha256(shards.tokenizer.path) if shards else None}
         path = ckpt.save(run_dir / "checkpoints", step, state, manifest, recipe_text, rank=rank,
                          barrier=dist.barrier if world > 1 else (lambda: None), keep_last=recipe.checkpoint.keep_last)
         log.print(f"checkpoint: {path}")
@@ -175,6 +197,13 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
             eval_loss = evaluate(engine, eval_set, recipe.train, device)
             log.write({"step": step, "eval_loss": eval_loss})
             log.print(f"step {step:>6}/{recipe.train.steps} | eval loss {eval_loss:.4f}")
+            if shards is None:
+                with torch.no_grad():
+                    accuracy = answer_accuracy(model, task_eval_batches(eval_set, recipe.train.micro_batch_size,
+                                                                        recipe.train.eval_batches, answer_only=True))
+                log.write({"step": step, "eval_accuracy": accuracy["sample_accuracy"]})
+                log.print(f"step {step:>6}/{recipe.train.steps} | eval {recipe.data.task} accuracy "
+                          f"{accuracy['sample_accuracy']:.3f}")
         if step % recipe.checkpoint.interval == 0 or step == recipe.train.steps:
             save_checkpoint(step)
             last_saved = step
@@ -185,7 +214,14 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
             log.close()
             return {"step": step, "stopped": True}
     final = {"step": step, "final_loss": loss_value, "final_eval_loss": evaluate(engine, eval_set, recipe.train, device)}
-    if rank == 0 and recipe.train.sample_tokens:
+    if rank == 0 and recipe.train.sample_tokens and shards is None:
+        prompt, answer = first_question(eval_set, 0)
+        new = generate(model, prompt, len(answer))
+        vocab = eval_set.task.vocab
+        text = f"... {vocab.decode(prompt[-12:])} -> {vocab.decode(new)} (answer {vocab.decode(answer)})"
+        (run_dir / "sample.txt").write_text(text + "\n")
+        log.print("sample (greedy): " + text)
+    elif rank == 0 and recipe.train.sample_tokens:
         prompt = shards.tokenizer.encode("def ")
         new = generate(model, prompt, recipe.train.sample_tokens, max_context=recipe.data.seq_len)
         text = shards.tokenizer.decode(prompt + new)

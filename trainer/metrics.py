@@ -70,8 +70,7 @@ class MetricsLog:
             return
         if resume_step is not None and self.path.exists():
             # Records past the checkpoint came from the interrupted run; the resumed run writes them again.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step and "final_loss" not in line]
+            kept = [line for line in self.path.read_text().splitlines() if _record_before(line, resume_step)]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
@@ -96,6 +95,15 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _record_before(line: str, step: int) -> bool:
+    """A complete, non-final record at or before `step` (a killed run can leave a half-written last line)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and record.get("step", 0) <= step and "final_loss" not in record
 
 
 def progress_line(step: int, total: int, loss: float, lr: float, tokens_per_s: float, mfu: float,

@@ -44,7 +44,7 @@ def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, m
             sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
             normalization_rule_name="identity", remove_extra_whitespaces=False, split_by_whitespace=True,
             allow_whitespace_only_pieces=True, byte_fallback=True, character_coverage=0.9995,
-            user_defined_symbols=["\n", "\t"], max_sentence_length=1 << 16, num_threads=1,
+            user_defined_symbols=["\n", "\t"], max_sentence_length=1 << 16, num_threads=1, hard_vocab_limit=False,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     except RuntimeError as e:
         raise LongtrainError(f"tokenizer training failed (data.tokenizer.vocab_size={vocab_size}): {str(e).splitlines()[-1]}") from None
