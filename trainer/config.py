@@ -69,6 +69,17 @@ class TokenizerConfig(Section):
     path: str | None = Field(None, description="an existing sentencepiece .model; trained from the corpus when None")
 
 
+class PasskeyConfig(Section):
+    digits: int = Field(5, gt=0, description="digits of the hidden number")
+    loss: Literal["answer", "full"] = Field("answer", description="loss on the answer digits only, or on every token")
+
+
+class MqarConfig(Section):
+    pairs: int = Field(8, gt=0, description="key-value pairs per sequence, each queried once")
+    keys: int = Field(64, gt=0, description="size of the key vocabulary")
+    values: int = Field(64, gt=0, description="size of the value vocabulary")
+
+
 class DataConfig(Section):
     corpus: list[str] = Field(default_factory=lambda: ["stdlib"],
                               description="'stdlib' (Python's own sources), files, directories, or .jsonl files")
@@ -78,6 +89,8 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.02, gt=0, lt=0.5)
     tokenizer: TokenizerConfig = TokenizerConfig()
     task: Literal["text", "passkey", "mqar"] = "text"
+    passkey: PasskeyConfig = PasskeyConfig()
+    mqar: MqarConfig = MqarConfig()
 
 
 class TrainConfig(Section):
@@ -165,9 +178,9 @@ def check_heads(r: Recipe) -> None:
 
 
 def check_vocab(r: Recipe) -> None:
-    if r.data.tokenizer.path is None and r.data.tokenizer.vocab_size != r.model.vocab_size:
-        raise ValueError(f"data.tokenizer.vocab_size={r.data.tokenizer.vocab_size} differs from "
-                         f"model.vocab_size={r.model.vocab_size}; set both to the same value")
+    if r.data.tokenizer.path is None and r.data.tokenizer.vocab_size > r.model.vocab_size:
+        raise ValueError(f"data.tokenizer.vocab_size={r.data.tokenizer.vocab_size} exceeds "
+                         f"model.vocab_size={r.model.vocab_size}; the embedding needs a row per piece")
 
 
 CHECKS = [check_pattern, check_heads, check_vocab]
