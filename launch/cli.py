@@ -2,6 +2,9 @@
 
     longtrain train [RECIPE] [--resume auto|PATH] [section.key=value ...]
     longtrain plan RECIPE [--world-size N] [section.key=value ...]
+    longtrain eval CKPT [--task perplexity|passkey|mqar] [--lengths 1x,2x,4x]
+    longtrain generate CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-p P]
+    longtrain report RUN_DIR
 With no RECIPE, trains the quickstart recipe shipped with the package. Errors in user input are
 printed as one line (no traceback) and exit with status 2.
 """
@@ -13,7 +16,9 @@ import os
 import sys
 import warnings
 
+from longtrain.launch.evaluate import add_parsers as add_evaluate_parsers
 from longtrain.launch.plan import add_parser as add_plan_parser
+from longtrain.launch.report import add_parser as add_report_parser
 from longtrain.trainer.errors import LongtrainError
 
 
@@ -43,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint path")
     p.set_defaults(func=cmd_train)
     add_plan_parser(sub)
+    add_evaluate_parsers(sub)
+    add_report_parser(sub)
     return parser
 
 

@@ -178,7 +178,7 @@ def check_heads(r: Recipe) -> None:
 
 
 def check_vocab(r: Recipe) -> None:
-    if r.data.tokenizer.path is None and r.data.tokenizer.vocab_size > r.model.vocab_size:
+    if r.data.task == "text" and r.data.tokenizer.path is None and r.data.tokenizer.vocab_size > r.model.vocab_size:
         raise ValueError(f"data.tokenizer.vocab_size={r.data.tokenizer.vocab_size} exceeds "
                          f"model.vocab_size={r.model.vocab_size}; the embedding needs a row per piece")
 

@@ -1,0 +1,100 @@
+"""`longtrain eval` and `longtrain generate`: use a trained checkpoint.
+
+    longtrain eval CKPT [--task perplexity|passkey|mqar] [--lengths 1x,2x,4x | 256,512,1024] [--samples N]
+    longtrain generate CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
+CKPT is a checkpoint directory, a run's checkpoints/ directory or the run directory (newest complete
+checkpoint). Eval writes <run>/eval/<task>.json and <task>.png. For a model trained on a synthetic
+task, a prompt is that task's symbols separated by spaces (default: the first held-out question).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from longtrain.trainer.eval import evaluate, load_checkpoint, parse_lengths, write_results
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, recipe, run_dir, found = load_checkpoint(args.checkpoint)
+    task = args.task or ("perplexity" if recipe.data.task == "text" else recipe.data.task)
+    lengths = parse_lengths(args.lengths, recipe.data.seq_len)
+    start = time.perf_counter()
+    results = evaluate(model, recipe, run_dir, task, lengths, samples=args.samples, batch_size=args.batch_size)
+    results["checkpoint"] = str(found)
+    json_path, png_path = write_results(results, run_dir / "eval")
+    print(f"eval {task} | {found} | training length {recipe.data.seq_len} | {time.perf_counter() - start:.1f} s")
+    for length, entry in results["lengths"].items():
+        ratio = f"{length / recipe.data.seq_len:g}x"
+        if task == "perplexity":
+            print(f"  {length:>7} tokens ({ratio:>5}) | loss {entry['loss']:.4f} | perplexity {entry['perplexity']:.2f}")
+        else:
+            depths = " ".join(f"{float(d):.2f}:{100 * a:.0f}%" for d, a in entry.get("by_depth", {}).items())
+            print(f"  {length:>7} tokens ({ratio:>5}) | accuracy {100 * entry['sample_accuracy']:.1f}% of samples, "
+                  f"{100 * entry['token_accuracy']:.1f}% of answer tokens"
+                  + (f" | by depth {depths}" if depths else ""))
+    print(f"  -> {json_path}, {png_path}")
+    return 0
+
+
+def _codec(recipe, run_dir):
+    """(encode, decode, default prompt) for the checkpoint's data: its tokenizer, or its task's symbols."""
+    if recipe.data.task == "text":
+        from longtrain.trainer.data.tokenizer import Tokenizer
+        tokenizer = Tokenizer(run_dir / "data" / "tokenizer.model")
+        return tokenizer.encode, tokenizer.decode, "def "
+    from longtrain.trainer.data.tasks import TaskDataset, first_question, make_task
+    task = make_task(recipe.data)
+    prompt, _ = first_question(TaskDataset(task, recipe.data.seq_len, "eval", recipe.run.seed), 0)
+    return task.vocab.encode, task.vocab.decode, task.vocab.decode(prompt)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from longtrain.trainer.eval import load_checkpoint
+    from longtrain.trainer.generate import generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, recipe, run_dir, found = load_checkpoint(args.checkpoint)
+    encode, decode, default_prompt = _codec(recipe, run_dir)
+    prompt = encode(args.prompt if args.prompt is not None else default_prompt)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   generator=generator)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt, "new_ids": new, "text": decode(new), "seconds": elapsed}))
+    else:
+        print(decode(prompt) + " \u2192 " + decode(new) if recipe.data.task != "text" else decode(prompt + new))
+        print(f"[{len(new)} tokens in {elapsed:.2f} s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s, "
+              f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature}, top-p {args.top_p}'}]")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity by position, passkey or MQAR accuracy by length")
+    p.add_argument("checkpoint", help="checkpoint directory, or a run / checkpoints directory (newest checkpoint)")
+    p.add_argument("--task", choices=["perplexity", "passkey", "mqar"], default=None,
+                   help="default: perplexity for text models, else the task the model was trained on")
+    p.add_argument("--lengths", default=None, help="1x,2x,4x (multiples of the training length) or 256,512 or 4k,16k")
+    p.add_argument("--samples", type=int, default=64, help="held-out samples per length")
+    p.add_argument("--batch-size", type=int, default=None, help="default: train.micro_batch_size")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample from a checkpoint (KV cache and recurrent state)")
+    p.add_argument("checkpoint", help="checkpoint directory, or a run / checkpoints directory (newest checkpoint)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: 'def ', or a held-out task question)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)

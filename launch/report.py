@@ -1,0 +1,101 @@
+"""`longtrain report RUN_DIR`: plot a run's metrics.jsonl to <run>/plots/report.png.
+
+Panels: training and held-out loss, throughput (tokens/s) with MFU, peak memory, and held-out task
+accuracy when the run trained on a synthetic task. Drawn with matplotlib's Agg backend (no display).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from longtrain.trainer.errors import LongtrainError
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise LongtrainError(f"{path} not found: is {run_dir} a run directory?")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise LongtrainError(f"{path}:{number} is not a JSON record") from None
+    return records
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of every record that holds `key` (and a step)."""
+    pairs = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_report(run_dir: Path, out: Path | None = None) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_records(run_dir)
+    if not any("loss" in r for r in records):
+        raise LongtrainError(f"{run_dir / 'metrics.jsonl'} holds no training records yet")
+    out = out or run_dir / "plots" / "report.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    has_accuracy = any("eval_accuracy" in r for r in records)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (loss_ax, extra_ax), (speed_ax, memory_ax) = axes
+
+    loss_ax.plot(*series(records, "loss"), label="training loss")
+    loss_ax.plot(*series(records, "eval_loss"), marker="o", label="held-out loss")
+    loss_ax.set(xlabel="optimizer step", ylabel="loss (nats / token)", title="Loss")
+    loss_ax.legend()
+
+    if has_accuracy:
+        steps, accuracy = series(records, "eval_accuracy")
+        extra_ax.plot(steps, [100 * a for a in accuracy], marker="o", color="tab:green")
+        extra_ax.set(xlabel="optimizer step", ylabel="held-out accuracy (%)", ylim=(-2, 102),
+                     title="Task accuracy (whole answers, greedy)")
+    else:
+        steps, lr = series(records, "lr")
+        extra_ax.plot(steps, lr, color="tab:purple")
+        extra_ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate")
+
+    steps, speed = series(records, "tokens_per_s")
+    speed_ax.plot(steps, speed, color="tab:blue")
+    speed_ax.set(xlabel="optimizer step", ylabel="throughput (tokens / s)", title="Throughput and MFU")
+    speed_ax.set_ylim(bottom=0)
+    mfu_ax = speed_ax.twinx()
+    steps, mfu = series(records, "mfu")
+    mfu_ax.plot(steps, [100 * m for m in mfu], color="tab:orange", linestyle="--")
+    mfu_ax.set_ylabel("MFU (% of measured matmul peak)", color="tab:orange")
+    mfu_ax.set_ylim(bottom=0)
+
+    steps, memory = series(records, "peak_memory_bytes")
+    memory_ax.plot(steps, [m / 2 ** 20 for m in memory], color="tab:red")
+    memory_ax.set(xlabel="optimizer step", ylabel="peak memory (MiB)",
+                  title="Peak memory (GPU allocated, or CPU resident set)")
+    memory_ax.set_ylim(bottom=0)
+
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    final = next((r for r in reversed(records) if "final_loss" in r), None)
+    title = f"{run_dir.name}" + (f" | final loss {final['final_loss']:.4f}" if final else " | in progress")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def cmd_report(args) -> int:
+    out = plot_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(out)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="plot a run's loss, throughput and memory curves to PNG")
+    p.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
+    p.add_argument("--out", default=None, help="PNG path (default: <run>/plots/report.png)")
+    p.set_defaults(func=cmd_report)
