@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 
+from longtrain.launch.ckpt import add_parser as add_ckpt_parser
 from longtrain.launch.evaluate import add_parsers as add_evaluate_parsers
 from longtrain.launch.plan import add_parser as add_plan_parser
 from longtrain.launch.report import add_parser as add_report_parser
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run dir) or a checkpoint path")
     p.set_defaults(func=cmd_train)
     add_plan_parser(sub)
+    add_ckpt_parser(sub)
     add_evaluate_parsers(sub)
     add_report_parser(sub)
     return parser
