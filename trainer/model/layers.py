@@ -29,6 +29,11 @@ class Linears:
     def row(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         return self._linear(in_features, out_features, bias)
 
+    def shared_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x, the same on every shard, about to feed sharded work that is not a column layer (Mamba's B
+        and C feed the channel-split scan). Identity; tensor-parallel factories sum its gradient over shards."""
+        return x
+
     def embedding(self, vocab: int, dim: int) -> nn.Module:
         emb = nn.Embedding(vocab, dim)
         nn.init.normal_(emb.weight, std=self.init_std)

@@ -37,6 +37,7 @@ class Mamba(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).repeat(self.local_inner, 1))
         self.D = nn.Parameter(torch.ones(self.local_inner))
         self.out = linears.row(d_inner, cfg.d_model)
+        self.shared_input = linears.shared_input
         self.scan = self._local_scan
 
     def _local_scan(self, u, delta, A, B, C, D, z, delta_bias, initial_state=None, return_last_state=False):
@@ -60,6 +61,7 @@ class Mamba(nn.Module):
         x_dbl = self.x_proj(u.transpose(1, 2))  # (batch, seq, dt_rank + 2 * state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)
+        B, C = self.shared_input(B), self.shared_input(C)  # full width, consumed by this shard's channels only
         return delta, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
 
     def forward(self, x, state=None):

@@ -150,6 +150,9 @@ class ShardShapes:
     def row(self, in_features, out_features, bias=False):
         return nn.Linear(in_features // self.tp, out_features, bias=bias)
 
+    def shared_input(self, x):
+        return x
+
     def embedding(self, vocab, dim):
         return nn.Embedding(vocab // self.tp, dim)
 
