@@ -1,7 +1,8 @@
 """Scaled dot-product attention returning the log-sum-exp, in flash-attn's layout.
 
-Backends, best first: `flash_attn` (GPU, when installed), `csrc` (our kernel, when built),
-`torch` (PyTorch SDPA, plus one extra pass for the log-sum-exp), `reference`.
+Backends, best first: `flash_attn` (GPU, when installed), `csrc` (our flash-style kernel in
+csrc/attention/, CPU and CUDA, when built; returns the log-sum-exp and takes its gradient),
+`torch` (PyTorch SDPA; no log-sum-exp), `reference`.
 The log-sum-exp lets partial results over disjoint K/V blocks be merged exactly
 (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax"), which ring
 attention for context parallelism relies on.
@@ -13,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from longtrain.kernels.extension import csrc_supports
 from longtrain.kernels.registry import OpRegistry, always
 
 registry = OpRegistry("attention")
@@ -57,7 +59,65 @@ def _sdpa(q, k, v, causal=False, softmax_scale=None):
     return out.transpose(1, 2), None
 
 
-registry.register("torch", _sdpa, always)
+class _CsrcAttention(torch.autograd.Function):
+    """Our compiled attention; out and lse are both differentiable (ring attention merges by lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        out, lse = torch.ops.longtrain.attention_fwd(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.longtrain.attention_bwd(dout.contiguous(), q, k, v, out, lse, dlse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _csrc(q, k, v, causal=False, softmax_scale=None):
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _CsrcAttention.apply(q, k, v, causal, scale)
+
+
+def _csrc_supports(device, dtype, head_dim=None, **facts):
+    reason = csrc_supports(device, dtype)
+    if reason is None and device.type == "cuda" and head_dim not in (32, 64, 128):
+        reason = f"the CUDA kernel is built for head_dim 32, 64, 128, got {head_dim}"
+    return reason
+
+
+def _flash_attn(q, k, v, causal=False, softmax_scale=None):
+    from flash_attn import flash_attn_func
+
+    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, return_attn_probs=True)
+    return out, lse
+
+
+def _flash_attn_supports(device, dtype, head_dim=None, need_lse=False, **_):
+    if device.type != "cuda":
+        return "flash_attn runs on CUDA only"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash_attn needs float16 or bfloat16, got {dtype}"
+    if head_dim is not None and head_dim > 256:
+        return f"flash_attn supports head_dim <= 256, got {head_dim}"
+    if need_lse:
+        return "flash_attn passes no gradient through the log-sum-exp"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError as error:
+        return f"flash_attn not installed ({error})"
+    return None
+
+
+def _sdpa_supports(need_lse=False, **_):
+    return "torch SDPA does not return the log-sum-exp" if need_lse else None
+
+
+registry.register("flash_attn", _flash_attn, _flash_attn_supports)
+registry.register("csrc", _csrc, _csrc_supports)
+registry.register("torch", _sdpa, _sdpa_supports)
 registry.register("reference", reference, always)
 
 
@@ -74,7 +134,5 @@ def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, backe
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"attention: heads={q.shape[2]} is not a multiple of kv_heads={k.shape[2]}")
     chosen = registry.select(backend, q.device, q.dtype, head_dim=q.shape[-1], need_lse=return_lse)
-    if return_lse and chosen.name == "torch":
-        chosen = registry.select("reference", q.device, q.dtype)
     out, lse = chosen.fn(q, k, v, causal=causal, softmax_scale=softmax_scale)
     return (out, lse) if return_lse else out

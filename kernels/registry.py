@@ -50,7 +50,9 @@ class OpRegistry:
                 if b.name == backend:
                     reason = b.supports(device=device, dtype=dtype, **facts)
                     if reason:
-                        raise BackendError(f"{self.op} backend {backend!r} cannot run here: {reason}")
+                        usable = [c.name for c in self.backends if c.supports(device=device, dtype=dtype, **facts) is None]
+                        raise BackendError(f"{self.op} backend {backend!r} cannot run here: {reason}; "
+                                           f"valid choices here: auto, {', '.join(usable)}")
                     return b
             raise BackendError(f"unknown {self.op} backend {backend!r}; valid choices: auto, {', '.join(self.names())}")
         skipped = []

@@ -5,13 +5,15 @@
 
 Shapes follow mamba-ssm's `selective_scan_fn`: u, delta: (batch, dim, seq); A: (dim, state);
 B, C: (batch, state, seq); D, delta_bias: (dim,); z: (batch, dim, seq); state h: (batch, dim, state).
-Backends, best first: `mamba_ssm` (GPU, when installed), `csrc` (our kernel, when built), `reference`.
+Backends, best first: `mamba_ssm` (GPU, when installed; no initial or final state), `csrc` (our
+kernel in csrc/scan/, CPU and CUDA, when built), `reference`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from longtrain.kernels.extension import csrc_supports
 from longtrain.kernels.registry import OpRegistry, always
 
 registry = OpRegistry("selective_scan")
@@ -49,6 +51,68 @@ def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus
     return y.to(in_dtype), h
 
 
+# Steps per stored state in the csrc forward (the backward recomputes one chunk at a time): on CPU a
+# chunk's states and decays fill a fraction of L1; the CUDA kernel stages 32 steps in shared memory.
+CHECKPOINT_CHUNK = {"cpu": 128, "cuda": 32}
+CUDA_MAX_STATE = 32
+
+
+class _CsrcScan(torch.autograd.Function):
+    """Our compiled scan; gradients flow into every input, the initial state included, and from
+    both outputs, so a sequence scanned in pieces trains exactly like the whole sequence."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+        ctx.chunk = CHECKPOINT_CHUNK[u.device.type]
+        out, last, checkpoints = torch.ops.longtrain.selective_scan_fwd(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, ctx.chunk)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
+        ctx.delta_softplus = delta_softplus
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+        grads = torch.ops.longtrain.selective_scan_bwd(
+            dout.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, checkpoints, ctx.chunk)
+        inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        cast = [g.to(x.dtype) if x is not None else None for g, x in zip(grads, inputs)]
+        return (*cast, None)
+
+
+def _csrc(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
+    return _CsrcScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+
+
+def _csrc_supports(device, dtype, state=None, **facts):
+    reason = csrc_supports(device, dtype)
+    if reason is None and device.type == "cuda" and state is not None and state > CUDA_MAX_STATE:
+        reason = f"the CUDA scan holds one state per lane: state={state} > {CUDA_MAX_STATE}"
+    return reason
+
+
+def _mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None):
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                             return_last_state=True)
+
+
+def _mamba_ssm_supports(device, dtype, initial_state=False, return_last_state=False, **_):
+    if device.type != "cuda":
+        return "mamba_ssm runs on CUDA only"
+    if initial_state or return_last_state:
+        # selective_scan_fn takes no initial state and passes no gradient through its final state.
+        return "mamba_ssm has no initial state and no gradient through the final state"
+    try:
+        import mamba_ssm.ops.selective_scan_interface  # noqa: F401
+    except ImportError as error:
+        return f"mamba_ssm not installed ({error})"
+    return None
+
+
+registry.register("mamba_ssm", _mamba_ssm, _mamba_ssm_supports)
+registry.register("csrc", _csrc, _csrc_supports)
 registry.register("reference", reference, always)
 
 
@@ -63,7 +127,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if u.dim() != 3 or B.dim() != 3 or A.dim() != 2:
         raise ValueError("selective_scan expects u, delta: (batch, dim, seq); A: (dim, state); B, C: (batch, state, seq); "
                          f"got u {tuple(u.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
-    chosen = registry.select(backend, u.device, u.dtype, state=A.shape[1], initial_state=initial_state is not None)
+    chosen = registry.select(backend, u.device, u.dtype, state=A.shape[1], initial_state=initial_state is not None,
+                             return_last_state=return_last_state)
     out, last = chosen.fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                           delta_softplus=delta_softplus, initial_state=initial_state)
     return (out, last) if return_last_state else out

@@ -1,0 +1,84 @@
+// Torch binding of the CUDA attention (attention_cuda.cu); compiled only when the extension is
+// built with CUDA. Tensors are checked and made contiguous here; the kernels see raw pointers.
+#ifdef LONGTRAIN_WITH_CUDA
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "attention_cuda.h"
+
+namespace longtrain {
+namespace {
+
+cuda::DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kHalf: return cuda::DType::kFloat16;
+    default: TORCH_CHECK(false, "attention (CUDA): unsupported dtype ", x.scalar_type());
+  }
+}
+
+cuda::AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                  double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "attention (CUDA): bad shapes");
+  TORCH_CHECK(q.size(2) % k.size(2) == 0, "attention (CUDA): heads must be a multiple of kv_heads");
+  TORCH_CHECK(cuda::attention_supports_head_dim(static_cast<int>(q.size(3))),
+              "attention (CUDA): head_dim must be 32, 64 or 128, got ", q.size(3));
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "attention (CUDA): q, k, v must share a dtype");
+  return cuda::AttentionParams{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
+                               static_cast<int>(q.size(2)), static_cast<int>(k.size(2)), static_cast<int>(q.size(3)),
+                               causal, static_cast<float>(scale), dtype_of(q), q.data_ptr(), k.data_ptr(),
+                               v.data_ptr(), nullptr, nullptr};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in, bool causal, double scale) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  auto p = make_params(q, k, v, causal, scale);
+  at::Tensor out = at::empty_like(q), lse = at::empty({p.batch, p.heads, p.seq_q}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  const cudaError_t status = cuda::attention_forward(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "attention forward kernel: ", cudaGetErrorString(status));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q_in,
+                                                                  const at::Tensor& k_in, const at::Tensor& v_in,
+                                                                  const at::Tensor& out, const at::Tensor& lse,
+                                                                  const std::optional<at::Tensor>& dlse, bool causal,
+                                                                  double scale) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  auto p = make_params(q, k, v, causal, scale);
+  at::Tensor lse_c = lse.to(at::kFloat).contiguous(), dlse_c;
+  p.lse = lse_c.data_ptr<float>();
+  if (dlse && dlse->defined()) dlse_c = dlse->to(at::kFloat).contiguous();
+  at::Tensor dout_c = dout.to(q.scalar_type()).contiguous(), out_c = out.to(q.scalar_type()).contiguous();
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor delta = at::empty({p.batch, p.heads, p.seq_q}, f32), dq = at::empty_like(q);
+  at::Tensor dk = at::empty({p.batch, p.seq_k, p.heads, p.head_dim}, f32), dv = at::empty_like(dk);
+  cuda::AttentionGradParams g{dout_c.data_ptr(), out_c.data_ptr(), dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr,
+                              delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr<float>(), dv.data_ptr<float>()};
+  const cudaError_t status = cuda::attention_backward(p, g, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, "attention backward kernel: ", cudaGetErrorString(status));
+  const int64_t group = p.heads / p.kv_heads;
+  if (group > 1) {
+    dk = dk.view({p.batch, p.seq_k, p.kv_heads, group, p.head_dim}).sum(3);
+    dv = dv.view({p.batch, p.seq_k, p.kv_heads, group, p.head_dim}).sum(3);
+  }
+  return {dq, dk.to(k_in.scalar_type()), dv.to(v_in.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longtrain, CUDA, m) {
+  m.impl("attention_fwd", &attention_fwd_cuda);
+  m.impl("attention_bwd", &attention_bwd_cuda);
+}
+
+}  // namespace longtrain
+#endif  // LONGTRAIN_WITH_CUDA

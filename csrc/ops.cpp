@@ -1,0 +1,35 @@
+// Schemas of the longtrain custom ops (namespace `longtrain`); CPU and CUDA implementations
+// register themselves next to their kernels (csrc/<op>/*_cpu.cpp, csrc/<op>/*_cuda_binding.cpp).
+#include <torch/extension.h>
+
+TORCH_LIBRARY(longtrain, m) {
+  // Selective scan (Mamba). `checkpoints` holds the state at the start of every `chunk` steps,
+  // (batch, dim, n_chunks, state) float32, so the backward recomputes states chunk by chunk.
+  m.def(
+      "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, int chunk) "
+      "-> (Tensor out, Tensor last_state, Tensor checkpoints)");
+  // Gradients are float32; the ones of absent optional inputs are empty tensors.
+  m.def(
+      "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor checkpoints, int chunk) "
+      "-> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, "
+      "Tensor dinitial_state)");
+  // Attention in flash-attn's layout: q (batch, seq_q, heads, dim), k/v (batch, seq_k, kv_heads, dim);
+  // lse (batch, heads, seq_q) float32. `dlse`, when given, is the gradient flowing into lse.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, bool causal, "
+      "float scale) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+// The extension is imported as a Python module (longtrain.kernels._C) to load the ops above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.attr("with_cuda") =
+#ifdef LONGTRAIN_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+}
