@@ -34,10 +34,9 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:
-        # DeepSpeed probes for an accelerator and warns when it falls back; name the CPU one outright.
-        from deepspeed.accelerator import set_accelerator
-        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-        set_accelerator(CPU_Accelerator())
+        # DeepSpeed picks its accelerator when first imported and warns when it falls back to the CPU;
+        # DS_ACCELERATOR is its documented way to name the CPU one outright.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
         import datetime
 

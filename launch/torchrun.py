@@ -1,0 +1,14 @@
+"""Entry point for torchrun: one process per rank, rendezvous from torchrun's environment.
+
+    torchrun --nproc_per_node 8 -m longtrain.launch.torchrun RECIPE [--resume auto] [section.key=value ...]
+Two nodes (run on each, with its own --node_rank):
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr HOST0 --master_port 29500 \
+        -m longtrain.launch.torchrun RECIPE
+`longtrain train` does the same when it finds torchrun's RANK / WORLD_SIZE in the environment.
+"""
+import sys
+
+from longtrain.launch.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
