@@ -27,6 +27,7 @@ from longtrain.trainer.generate import generate
 from longtrain.trainer.metrics import (MetricsLog, flops_per_token, measured_matmul_flops, peak_memory_bytes,
                                        progress_line)
 from longtrain.trainer.model.decoder import Decoder, count_parameters, lm_loss
+from longtrain.trainer.model.ode import ode_stats
 
 
 class StopSignal:
@@ -188,7 +189,7 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
             memory = peak_memory_bytes(device)
             record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
                       "mfu": mfu, "peak_memory_bytes": memory, "consumed_samples": loader.consumed_samples,
-                      **model.ode_stats()}
+                      **ode_stats(model)}
             log.write(record)
             eta = (time.perf_counter() - run_start) / (step - start_step) * (recipe.train.steps - step)
             log.print(progress_line(step, recipe.train.steps, loss_value, record["lr"], tokens_per_s, mfu, memory, eta))
