@@ -150,7 +150,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", default="1k,2k,4k,8k", help="comma list; k = 1024")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of: {', '.join(MODELS)}")
-    parser.add_argument("--peer-max-len", default="4k", help="skip transformers peers above this length")
+    parser.add_argument("--llama-max-len", default="4k", help="skip the transformers Llama peer above this length")
+    parser.add_argument("--hf-mamba-max-len", default="1k",
+                        help="skip the transformers Mamba peer above this length (its CPU path, a Python loop over "
+                             "sequence-minor slices, grows with the square of the length in backward)")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown --models {unknown}; valid: {', '.join(MODELS)}")
     lengths = parse_lengths(args.seq_lens)
-    peer_max = parse_lengths(args.peer_max_len)[0]
+    peer_max = {"llama": parse_lengths(args.llama_max_len)[0], "mamba": parse_lengths(args.hf_mamba_max_len)[0]}
     spec_args = {k: v for k, v in vars(args).items() if k not in ("child", "json")}
     print(f"# measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {args.threads} threads; "
           f"d_model {args.d_model}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, batch 1, torch {torch.__version__}")
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
     print("-" * len(header))
     for seq_len in lengths:
         for model in models:
-            if MODELS[model][0] != "longtrain" and seq_len > peer_max:
+            if MODELS[model][0] != "longtrain" and seq_len > peer_max[MODELS[model][0]]:
                 continue
             r = run_child({"model": model, "seq_len": seq_len, "args": spec_args}, args.timeout)
             results.append(r)

@@ -64,7 +64,7 @@ def test_eval_passkey_and_perplexity(passkey_run, capsys):
     assert entry["samples"] == 8 and 0 <= entry["sample_accuracy"] <= 1 and len(entry["by_depth"]) == 5
     assert (passkey_run / "eval" / "passkey.png").read_bytes()[:4] == b"\x89PNG"
     assert "(   2x)" in capsys.readouterr().out
-    assert main(["eval", str(passkey_run / "checkpoints"), "--task", "perplexity", "--lengths", "32",
+    assert main(["eval", str(passkey_run / "checkpoints" / "latest"), "--task", "perplexity", "--lengths", "32",
                  "--samples", "8"]) == 0
     results = json.loads((passkey_run / "eval" / "perplexity.json").read_text())
     assert results["lengths"]["32"]["tokens"] == 8 * 3  # answer tokens only: the run's loss
@@ -81,3 +81,24 @@ def test_generate_and_report(passkey_run, capsys):
     assert main(["generate", str(passkey_run), "--prompt", "nope"]) == 2
     assert main(["report", str(passkey_run)]) == 0
     assert (passkey_run / "plots" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_text_perplexity_by_length(tmp_path):
+    from longtrain.trainer.config import recipe_from_dict
+    from longtrain.trainer.data.shards import prepare
+    from longtrain.trainer.eval import evaluate, plot_results
+
+    recipe = recipe_from_dict({"run": {"dir": str(tmp_path)}, "model": {"pattern": "MF", "d_model": 32, "n_heads": 2,
+                               "n_kv_heads": 1, "vocab_size": 512},
+                               "data": {"corpus": ["stdlib"], "max_bytes": 120_000, "seq_len": 32,
+                                        "tokenizer": {"vocab_size": 512}}})
+    prepare(recipe.data, tmp_path / "data")
+    torch.manual_seed(0)
+    model = Decoder(recipe.model).eval()
+    results = evaluate(model, recipe, tmp_path, "perplexity", [32, 64], samples=4, batch_size=2)
+    for length in (32, 64):
+        entry = results["lengths"][length]
+        assert entry["tokens"] == 4 * length
+        assert abs(entry["loss"] - math.log(512)) < 1.0  # an untrained model is near uniform
+    plot_results(results, tmp_path / "perplexity.png")
+    assert (tmp_path / "perplexity.png").stat().st_size > 10_000

@@ -28,9 +28,11 @@ POSITION_BUCKETS = 64
 
 
 def load_checkpoint(path: str | Path) -> tuple[Decoder, Recipe, Path, Path]:
-    """(model in eval mode, recipe, run dir, checkpoint dir) from a checkpoint directory or a run's
-    checkpoints/ root (its newest complete checkpoint)."""
+    """(model in eval mode, recipe, run dir, checkpoint dir) from a checkpoint directory, or the newest
+    complete checkpoint of a run directory, its checkpoints/ directory or <run>/checkpoints/latest."""
     path = Path(path)
+    if path.name == "latest" and not path.exists():
+        path = path.parent  # <run>/checkpoints/latest: the newest complete checkpoint
     if (path / "checkpoints").is_dir() and not (path / "manifest.json").exists():
         path = path / "checkpoints"  # a run directory was given
     found = ckpt.resolve(str(path), path)
