@@ -23,11 +23,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, fn, world, port, out_dir, args, timeout_s):
+def _worker(rank, fn, world, port, out_dir, args, timeout_s, deepspeed):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    if deepspeed:  # the training loop's own initialisation (DeepSpeed's comm over gloo)
+        from longtrain.trainer.engine import init_distributed
+        init_distributed(timeout_s=timeout_s)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"{rank}.pt")
@@ -35,9 +39,10 @@ def _worker(rank, fn, world, port, out_dir, args, timeout_s):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, args: tuple = (), timeout_s: float = 240.0) -> list:
-    """fn(rank, world, *args) on `world` spawned gloo processes; returns the per-rank results in rank order."""
+def run_ranks(fn, world: int, args: tuple = (), timeout_s: float = 240.0, deepspeed: bool = False) -> list:
+    """fn(rank, world, *args) on `world` spawned gloo processes; returns the per-rank results in rank order.
+    With deepspeed=True the group is made by the training loop's init_distributed (DeepSpeed comm)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(fn, world, _free_port(), out_dir, args, timeout_s), nprocs=world,
+        mp.start_processes(_worker, args=(fn, world, _free_port(), out_dir, args, timeout_s, deepspeed), nprocs=world,
                            join=True, start_method="spawn")
         return [torch.load(Path(out_dir) / f"{rank}.pt", weights_only=False) for rank in range(world)]

@@ -129,6 +129,10 @@ def load_dense_shards(model: nn.Module, dense_state: dict, tp_rank: int, tp: int
         dim = shard_dim(param.shape, dense.shape, tp)
         size = param.shape[dim] if dim is not None else None
         param.copy_(dense if dim is None else dense.narrow(dim, tp_rank * size, size))
+        if dim is not None:
+            # DeepSpeed's gradient norm counts a parameter on every tp rank only when it carries this mark
+            # (megatron's layers set it; Mamba's per-channel tensors are sharded too).
+            param.tensor_model_parallel, param.partition_dim = True, dim
 
 
 def gather_dense(model: nn.Module, dense_shapes: dict, group, tp: int) -> dict:
