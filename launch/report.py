@@ -43,7 +43,7 @@ def plot_report(run_dir: Path, out: Path | None = None) -> Path:
     out = out or run_dir / "plots" / "report.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     has_accuracy = any("eval_accuracy" in r for r in records)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     (loss_ax, extra_ax), (speed_ax, memory_ax) = axes
 
     loss_ax.plot(*series(records, "loss"), label="training loss")
@@ -62,23 +62,26 @@ def plot_report(run_dir: Path, out: Path | None = None) -> Path:
         extra_ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate")
 
     steps, speed = series(records, "tokens_per_s")
-    speed_ax.plot(steps, speed, color="tab:blue")
+    speed_ax.plot(steps, speed, color="tab:blue", marker=".")
     speed_ax.set(xlabel="optimizer step", ylabel="throughput (tokens / s)", title="Throughput and MFU")
-    speed_ax.set_ylim(bottom=0)
-    mfu_ax = speed_ax.twinx()
-    steps, mfu = series(records, "mfu")
-    mfu_ax.plot(steps, [100 * m for m in mfu], color="tab:orange", linestyle="--")
-    mfu_ax.set_ylabel("MFU (% of measured matmul peak)", color="tab:orange")
-    mfu_ax.set_ylim(bottom=0)
+    speed_ax.set_ylim(0, 1.1 * max(speed))
+    # MFU is tokens/s times a constant (model FLOPs per token / measured peak): a second scale, not a second curve.
+    ratios = [r["mfu"] / r["tokens_per_s"] for r in records if r.get("tokens_per_s") and "mfu" in r]
+    if ratios:
+        per_token = sum(ratios) / len(ratios)
+        mfu_axis = speed_ax.secondary_yaxis("right", functions=(lambda t: 100 * t * per_token,
+                                                                 lambda m: m / (100 * per_token)))
+        mfu_axis.set_ylabel("MFU (% of measured matmul peak)")
 
     steps, memory = series(records, "peak_memory_bytes")
-    memory_ax.plot(steps, [m / 2 ** 20 for m in memory], color="tab:red")
+    memory_ax.plot(steps, [m / 2 ** 20 for m in memory], color="tab:red", marker=".")
     memory_ax.set(xlabel="optimizer step", ylabel="peak memory (MiB)",
                   title="Peak memory (GPU allocated, or CPU resident set)")
-    memory_ax.set_ylim(bottom=0)
+    memory_ax.set_ylim(0, 1.1 * max(memory) / 2 ** 20)
 
     for ax in axes.flat:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_tick_params(labelbottom=True)
     final = next((r for r in reversed(records) if "final_loss" in r), None)
     title = f"{run_dir.name}" + (f" | final loss {final['final_loss']:.4f}" if final else " | in progress")
     fig.suptitle(title)
