@@ -24,6 +24,11 @@ the forward or in the adjoint pass) raises `OdeStepLimitError`, a one-line error
 clamping instead would silently return h(1) at an unknown accuracy. The first solve to pass half the
 budget logs one warning per block. Counts of function evaluations and steps of the last solve are
 in `ODEBlock.stats()`; `ode_stats(model)` collects them for the training log.
+
+Not with ZeRO-3: `adjoint` fails there (its backward reads the parameters after DeepSpeed has
+partitioned them away: "setStorage ... out of bounds for storage of size 0", dp=2, ZeRO-3), and an
+adaptive solve takes data-dependent numbers of steps on each dp rank while ZeRO-3 gathers parameters
+at every evaluation of f. Data-parallel ranks need no lock-step under ZeRO 0-2.
 """
 from __future__ import annotations
 
