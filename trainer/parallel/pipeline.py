@@ -85,8 +85,9 @@ def stage_bounds(cfg, stages: int, seq_len: int) -> list[int]:
     return [0] + [b + 1 for b in bounds[1:-1]] + [n + 3]
 
 
-def topology(mesh: Mesh):
-    """DeepSpeed's pipe x data x model topology with megatron's numbering (data = cp + cp * dp)."""
+def topology(mesh):
+    """DeepSpeed's pipe x data x model topology with megatron's numbering (data = cp + cp * dp).
+    `mesh`: a Mesh or a plan Layout (anything with tp, pp, cp, dp)."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     return PipeModelDataParallelTopology(num_pp=mesh.pp, num_mp=mesh.tp, num_dp=mesh.dp * mesh.cp)
 
