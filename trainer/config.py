@@ -137,6 +137,14 @@ class ParallelConfig(Section):
     micro_batches: int = Field(1, gt=0, description="pipeline micro-batches per step (pp > 1)")
 
 
+class LaunchConfig(Section):
+    """How `longtrain launch ray` places workers; its command-line flags override these."""
+    num_workers: int | None = Field(None, gt=0, description="training processes; default parallel.tp*pp*cp*dp, or 1")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="0: CPU workers on gloo; 1: one GPU per worker on nccl")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts before giving up (-1: unlimited)")
+
+
 class Recipe(Section):
     name: str = "run"
     run: RunConfig = RunConfig()
@@ -146,6 +154,7 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     kernels: KernelsConfig = KernelsConfig()
     parallel: ParallelConfig = ParallelConfig()
+    launch: LaunchConfig = LaunchConfig()
 
     @property
     def run_dir(self) -> Path:
@@ -183,7 +192,15 @@ def check_vocab(r: Recipe) -> None:
                          f"model.vocab_size={r.model.vocab_size}; the embedding needs a row per piece")
 
 
-CHECKS = [check_pattern, check_heads, check_vocab]
+def check_ode_zero3(r: Recipe) -> None:
+    # ZeRO-3 frees gathered parameters between uses; torchdiffeq's adjoint pass re-enters f later and
+    # finds empty storage ("setStorage ... storage of size 0"), seen at dp=2.
+    if "O" in r.model.pattern and r.model.ode.adjoint and r.parallel.zero_stage == 3:
+        raise ValueError("model.ode.adjoint=true does not work with parallel.zero_stage=3; "
+                         "use zero_stage 1 or 2, or adjoint=false")
+
+
+CHECKS = [check_pattern, check_heads, check_vocab, check_ode_zero3]
 
 
 # ---- loading ----

@@ -48,7 +48,7 @@ class Linears:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 (float64 for float64 inputs)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
