@@ -15,7 +15,7 @@ from parallel_harness import run_ranks
 STEPS = 5
 SEQ = 16
 MICRO = 2  # sequences per micro-batch per dp rank
-ACCUM = 2  # micro-batches per step (train.grad_accum, or parallel.micro_batches when pp > 1)
+ACCUM = 2  # micro-batches per step (train.grad_accum; with pp > 1 also parallel.micro_batches)
 TOL = 1e-5
 PARAM_TOL = 3e-5
 
@@ -26,8 +26,7 @@ def _model():
 
 
 def _train(pp):
-    return TrainConfig(steps=STEPS, micro_batch_size=MICRO, grad_accum=1 if pp > 1 else ACCUM, lr=3e-3,
-                       warmup_steps=2, grad_clip=1.0)
+    return TrainConfig(steps=STEPS, micro_batch_size=MICRO, grad_accum=ACCUM, lr=3e-3, warmup_steps=2, grad_clip=1.0)
 
 
 def _data(dp):
@@ -78,7 +77,13 @@ def _parallel(rank, world, tp, pp, cp, zero):
     dense = _dense_model()
     run = parallelize(_model(), _train(pp), parallel, mesh, dense.state_dict(), SEQ)
     inputs, targets = _data(mesh.dp)
-    losses = [run.train_step(run.local_batches(inputs[s], targets[s])) for s in range(STEPS)]
+    dp, dp_rank = mesh.dp, mesh.coordinates["dp"]
+
+    def mine(step):  # micro-batch m of dp rank d: rows (m * dp + d) * MICRO onward, as the data loader deals them
+        rows = [slice((m * dp + dp_rank) * MICRO, (m * dp + dp_rank + 1) * MICRO) for m in range(ACCUM)]
+        return [(inputs[step][r], targets[step][r]) for r in rows]
+
+    losses = [run.train_step(run.prepare(mine(s))) for s in range(STEPS)]
     shapes = {n: p.shape for n, p in dense.named_parameters()}
     params = {n: (t, shard_dim(t.shape, shapes[n], tp), mesh.coordinates["tp"]) for n, t in run.gathered_parameters().items()}
     mesh.destroy()

@@ -66,8 +66,8 @@ def test_mamba_inner_width_and_pipeline_accumulation_errors():
                                "data": {"tokenizer": {"vocab_size": 64}}})
     with pytest.raises(LongtrainError, match=r"parallel.tp=8 does not divide Mamba inner width model.expand\*model.d_model=36"):
         check_layout(recipe.model_copy(update={"parallel": recipe.parallel.model_copy(update={"tp": 8})}), 8)
-    with pytest.raises(LongtrainError, match="train.grad_accum=2 with parallel.pp=2"):
-        check_layout(tiny(pp=2).model_copy(update={"train": tiny().train.model_copy(update={"grad_accum": 2})}), 2)
+    with pytest.raises(LongtrainError, match=r"parallel.micro_batches=4 does not divide train.micro_batch_size\*train.grad_accum=2\*3=6"):
+        check_layout(tiny(pp=2, micro_batches=4).model_copy(update={"train": tiny().train.model_copy(update={"grad_accum": 3})}), 2)
 
 
 def test_rank_placement_agrees_with_megatron_core():

@@ -275,9 +275,10 @@ def apply_context_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
         elif isinstance(module, Mamba):
             module.conv = functools.partial(context_parallel_conv, module.conv, group)
             module.scan = functools.partial(context_parallel_scan, module.scan, group)
-        elif isinstance(module, ODEBlock) and module.ode.solver == "dopri5":
-            raise LongtrainError("model.ode.solver=dopri5 with parallel.cp > 1: adaptive step sizes would differ "
-                                 "between cp ranks; use a fixed-step solver (euler, midpoint, rk4)")
+        elif isinstance(module, ODEBlock) and module.ode.solver == "dopri5" and module.lockstep_sum is None:
+            # Each cp rank would accept its own step sizes and the ring's collectives would desynchronise.
+            raise LongtrainError("model.ode.solver=dopri5 under context parallelism needs ODEBlock.lockstep_sum "
+                                 "(set by trainer/parallel/parallelize.py) so that cp ranks step in lock-step")
     return model
 
 

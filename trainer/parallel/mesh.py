@@ -22,6 +22,7 @@ class Mesh:
     cp_group: object
     dp_group: object  # data parallel only (same tp, cp, pp)
     dp_cp_group: object  # data x context parallel: where gradients are averaged and ZeRO partitions
+    tp_cp_group: object  # tensor x context parallel: the ranks holding parts of one replica's activations
 
     @property
     def coordinates(self) -> dict:
@@ -63,7 +64,8 @@ def build_mesh(tp: int = 1, pp: int = 1, cp: int = 1) -> Mesh:
     mesh = Mesh(layout=layout, rank=dist.get_rank(),
                 tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
                 cp_group=ps.get_context_parallel_group(), dp_group=ps.get_data_parallel_group(),
-                dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True))
+                dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+                tp_cp_group=ps.get_tensor_and_context_parallel_group())
     expected = layout.coordinates(mesh.rank)
     seen = {"tp": ps.get_tensor_model_parallel_rank(), "cp": ps.get_context_parallel_rank(),
             "dp": ps.get_data_parallel_rank(), "pp": ps.get_pipeline_model_parallel_rank()}

@@ -1,7 +1,7 @@
 """Apply a mesh to the decoder and wrap it in a DeepSpeed engine: tp, pp, cp and dp x ZeRO together.
 
     run = parallelize(model_cfg, train_cfg, parallel_cfg, mesh, dense_state, seq_len)
-    loss = run.train_step(run.local_batches(tokens, targets))   # one optimizer step, global mean loss
+    loss = run.train_step(run.prepare(micro_batches))   # one optimizer step; the global mean loss
 
 Every rank starts from the same dense weights (`dense_state`, built from one seed) and keeps its
 shard. The loss is the mean over all tokens of all ranks: each rank averages its own tokens (equal
@@ -94,31 +94,63 @@ class ParallelRun:
         self.mesh, self.train, self.parallel = mesh, train, parallel
 
     @property
-    def accumulation(self) -> int:
-        return self.parallel.micro_batches if self.mesh.pp > 1 else self.train.grad_accum
+    def module(self) -> nn.Module:
+        return self.engine.module
 
-    def local_batches(self, tokens: torch.Tensor, targets: torch.Tensor) -> list[tuple]:
-        """This rank's micro-batches of one global batch. tokens, targets: (dp * accumulation *
-        micro_batch_size, seq); micro-batch m of dp rank d is rows (m * dp + d) * micro_batch_size onward,
-        cut to this cp rank's zigzag slice of the sequence."""
-        size, dp, cp = self.train.micro_batch_size, self.mesh.dp, self.mesh.cp
-        coords = self.mesh.coordinates
-        out = []
-        for m in range(self.accumulation):
-            start = (m * dp + coords["dp"]) * size
-            rows = slice(start, start + size)
-            out.append((zigzag_split(tokens[rows], cp, coords["cp"]), zigzag_split(targets[rows], cp, coords["cp"])))
-        return out
+    def prepare(self, micro_batches: list[tuple]) -> list[tuple]:
+        """This data-parallel rank's micro-batches of one step ((tokens, targets), each (batch, seq))
+        -> what this rank feeds the engine: the pipeline's parallel.micro_batches equal pieces of the
+        same sequences when pp > 1, each cut to this cp rank's zigzag slice of the sequence."""
+        if self.mesh.pp > 1:
+            tokens = torch.cat([t for t, _ in micro_batches])
+            targets = torch.cat([t for _, t in micro_batches])
+            micro_batches = list(zip(tokens.chunk(self.parallel.micro_batches), targets.chunk(self.parallel.micro_batches)))
+        cp, cp_rank = self.mesh.cp, self.mesh.coordinates["cp"]
+        return [(zigzag_split(t, cp, cp_rank), zigzag_split(y, cp, cp_rank)) for t, y in micro_batches]
+
+    def train_step(self, batches: list[tuple]) -> float:
+        """One optimizer step over this rank's prepared micro-batches; the global mean loss (every rank)."""
+        if self.mesh.pp > 1:
+            return float(self.engine.train_batch(iter(batches)))
+        losses = []
+        for tokens, targets in batches:
+            loss = self.engine(tokens, targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        return self._mean(torch.stack(losses).mean())
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        """Mean loss over (tokens, targets) batches given whole (the same on every rank)."""
+        self.module.eval()
+        losses = []
+        for tokens, targets in batches:
+            (tokens, targets), = self.prepare_eval(tokens, targets)
+            if self.mesh.pp > 1:
+                losses.append(float(self.engine.eval_batch(iter([(tokens, targets)]), num_micro_batches=1)))
+            else:
+                losses.append(self._mean(self.module(tokens, targets)))
+        self.module.train()
+        return sum(losses) / len(losses)
+
+    def prepare_eval(self, tokens, targets):
+        cp, cp_rank = self.mesh.cp, self.mesh.coordinates["cp"]
+        return [(zigzag_split(tokens, cp, cp_rank), zigzag_split(targets, cp, cp_rank))]
+
+    def _mean(self, loss: torch.Tensor) -> float:
+        """Average over dp x cp: equal token counts on every rank, so the mean over all tokens."""
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=self.mesh.dp_cp_group)
+        return float(loss) / (self.mesh.dp * self.mesh.cp)
 
     def dense_named_parameters(self):
         """(dense Decoder name, this rank's tensor) for every parameter held here (a tp shard when split)."""
-        module = self.engine.module
         if self.mesh.pp > 1:
             from longtrain.trainer.parallel.pipeline import dense_named_parameters
-            yield from dense_named_parameters(module)
+            yield from dense_named_parameters(self.module)
         else:
-            for name, param in module.decoder.named_parameters():
-                yield name, param
+            yield from self.module.decoder.named_parameters()
 
     def gathered_parameters(self) -> dict:
         """Name -> a copy of this rank's tensor of each parameter (whole again under ZeRO-3)."""
@@ -129,19 +161,24 @@ class ParallelRun:
                 return {n: p.detach().clone() for n, p in named}
         return {n: p.detach().clone() for n, p in named}
 
-    def train_step(self, batches: list[tuple]) -> float:
-        """One optimizer step over this rank's micro-batches; returns the global mean loss (every rank)."""
-        if self.mesh.pp > 1:
-            return float(self.engine.train_batch(iter(batches)))
-        losses = []
-        for tokens, targets in batches:
-            loss = self.engine(tokens, targets)
-            self.engine.backward(loss)
-            self.engine.step()
-            losses.append(loss.detach())
-        loss = torch.stack(losses).mean()
-        dist.all_reduce(loss, group=self.mesh.dp_cp_group)
-        return float(loss) / (self.mesh.dp * self.mesh.cp)
+    def load_into_dense(self, dense: nn.Module) -> None:
+        """Collective: rank 0's `dense` Decoder receives the trained weights of every stage and tp shard
+        (for sampling and evaluation tools that want the whole model in one process)."""
+        from longtrain.trainer.parallel.tensor import shard_dim
+
+        shapes = {n: p.shape for n, p in dense.named_parameters()}
+        tp_rank = self.mesh.coordinates["tp"]
+        mine = {n: (t, shard_dim(t.shape, shapes[n], self.mesh.tp), tp_rank) for n, t in self.gathered_parameters().items()}
+        pieces = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine if self.mesh.coordinates["cp"] == self.mesh.coordinates["dp"] == 0 else {}, pieces, dst=0)
+        if dist.get_rank() != 0:
+            return
+        params = dict(dense.named_parameters())
+        with torch.no_grad():
+            for piece in pieces:
+                for name, (tensor, dim, rank) in piece.items():
+                    target = params[name] if dim is None else params[name].narrow(dim, rank * tensor.shape[dim], tensor.shape[dim])
+                    target.copy_(tensor)
 
 
 def parallelize(model_cfg, train, parallel, mesh: Mesh, dense_state: dict, seq_len: int,
@@ -159,12 +196,16 @@ def parallelize(model_cfg, train, parallel, mesh: Mesh, dense_state: dict, seq_l
         load_dense_shards(decoder, dense_state, tp_rank, mesh.tp)
         module = ParallelLM(decoder, mesh)
     module.to(dtype)
+    if mesh.tp * mesh.cp > 1:
+        set_lockstep(module, mesh.tp_cp_group)
     apply_context_parallel(module, mesh.cp_group)
     optimizer, scheduler = _optimizer(module, train)
     config = deepspeed_config(train, parallel, dp_size=mesh.dp * mesh.cp)
-    if mesh.pp > 1:
+    if mesh.pp > 1:  # the step's sequences of this rank, cut into parallel.micro_batches pipeline micro-batches
+        per_rank = train.micro_batch_size * train.grad_accum
+        config["train_micro_batch_size_per_gpu"] = per_rank // parallel.micro_batches
         config["gradient_accumulation_steps"] = parallel.micro_batches
-        config["train_batch_size"] = train.micro_batch_size * parallel.micro_batches * mesh.dp * mesh.cp
+        config["train_batch_size"] = per_rank * mesh.dp * mesh.cp
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config,
         mpu=None if mesh.pp > 1 else MeshMPU(mesh))
@@ -193,6 +234,22 @@ def _clip_pipeline_gradients(engine, mesh: Mesh) -> None:
         for p in engine.module.parameters():
             if p.grad is not None:
                 p.grad.mul_(coefficient)
+
+
+def _sum_over(moments: torch.Tensor, group) -> torch.Tensor:
+    moments = moments.clone()
+    dist.all_reduce(moments, group=group)  # one ring all-reduce: the same bits on every rank
+    return moments
+
+
+def set_lockstep(module: nn.Module, group) -> None:
+    """Adaptive O blocks accept a step by the error norm over the state of every rank in `group`
+    (tp x cp: the ranks holding parts or replicas of one sequence), so they all take the same steps."""
+    from longtrain.trainer.model.ode import ODEBlock
+
+    for block in module.modules():
+        if isinstance(block, ODEBlock):
+            block.lockstep_sum = functools.partial(_sum_over, group=group)
 
 
 def _pipeline_loss(logits, targets, mesh):

@@ -108,9 +108,6 @@ def check_context_parallel(recipe, cp: int) -> None:
         raise LongtrainError(f"data.seq_len={seq} is not divisible by 2*parallel.cp={2 * cp} "
                              "(the zigzag split gives each cp rank two equal chunks)")
     chunk = seq // (2 * cp)
-    if cp > 1 and "O" in recipe.model.pattern and recipe.model.ode.solver == "dopri5":
-        raise LongtrainError(f"model.ode.solver=dopri5 with parallel.cp={cp}: adaptive step sizes would differ between "
-                             "cp ranks; use a fixed-step solver (euler, midpoint, rk4)")
     if cp > 1 and "M" in recipe.model.pattern and chunk < recipe.model.d_conv - 1:
         raise LongtrainError(f"data.seq_len/(2*parallel.cp)={chunk} is shorter than model.d_conv-1="
                              f"{recipe.model.d_conv - 1}: each zigzag chunk must hold the Mamba conv's history")
@@ -118,9 +115,13 @@ def check_context_parallel(recipe, cp: int) -> None:
 
 def check_batch(recipe, layout: Layout) -> None:
     p, t = recipe.parallel, recipe.train
-    if layout.pp > 1 and t.grad_accum != 1:
-        raise LongtrainError(f"train.grad_accum={t.grad_accum} with parallel.pp={layout.pp}: the pipeline accumulates "
-                             "over parallel.micro_batches; set train.grad_accum=1 and parallel.micro_batches instead")
+    # The global batch is train.micro_batch_size * train.grad_accum * dp in every layout; a pipeline
+    # cuts each rank's share of it into parallel.micro_batches equal pieces.
+    per_rank = t.micro_batch_size * t.grad_accum
+    if layout.pp > 1 and per_rank % p.micro_batches:
+        raise LongtrainError(f"parallel.micro_batches={p.micro_batches} does not divide train.micro_batch_size*"
+                             f"train.grad_accum={t.micro_batch_size}*{t.grad_accum}={per_rank} (sequences per step "
+                             "per data-parallel rank, cut into pipeline micro-batches)")
     if layout.pp == 1 and p.micro_batches != 1:
         raise LongtrainError(f"parallel.micro_batches={p.micro_batches} applies only with parallel.pp > 1; "
                              "use train.grad_accum to accumulate micro-batches")
@@ -274,7 +275,9 @@ def build_plan(recipe, world_size: int | None = None) -> Plan:
     bytes_per_element = 2 if t.bf16 else 4
     optimizer_bytes = 12 if t.bf16 else 8
     zero_group = layout.dp * layout.cp
-    tokens = t.micro_batch_size * recipe.data.seq_len // layout.cp
+    sequences = (t.micro_batch_size * t.grad_accum // recipe.parallel.micro_batches if layout.pp > 1
+                 else t.micro_batch_size)  # per forward pass
+    tokens = sequences * recipe.data.seq_len // layout.cp
     stages = []
     for s in range(layout.pp):
         letters = m.pattern[bounds[s]:bounds[s + 1]]
