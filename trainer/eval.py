@@ -170,6 +170,8 @@ def plot_results(results: dict, path: Path) -> None:
         ax.plot([int(n) for n in lengths], [100 * results["lengths"][n][key] for n in lengths], marker="o")
         ax.axvline(train_length, color="gray", linestyle="--", label=f"training length {train_length}")
         ax.set_xscale("log", base=2)
+        ax.set_xticks([int(n) for n in lengths], [str(n) for n in lengths])
+        ax.minorticks_off()
         ax.set_xlabel("sequence length (tokens, log scale)")
         ax.set_ylabel("accuracy (%)" + (" of whole passkeys" if task == "passkey" else " of recalled values"))
         ax.set_ylim(-2, 102)

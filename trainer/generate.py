@@ -3,7 +3,7 @@
 One forward pass over the prompt (prefill) fills a state per block, then each new token costs one
 step through the blocks:
     A  attention: KV cache of rotated keys and values, positions continue from the cache length;
-    M  Mamba: the conv window and the SSM state, constant memory per token (Gu & Dao 2023, sec. 3.3);
+    M  Mamba: the conv window and the SSM state, constant memory and time per token (Gu & Dao 2023);
     F  SwiGLU: token-wise, no state;
     O  Neural-ODE: token-wise when f is the MLP sublayer and the solver has a fixed grid. When f holds
        attention (ode.sublayer=attention_mlp) each token's f reads every earlier token at every
