@@ -74,7 +74,7 @@ def _check(rank, world, seq):
     return errors
 
 
-@pytest.mark.parametrize("cp, seq", [(2, 16), (4, 32)])
+@pytest.mark.parametrize("cp, seq", [(2, 16), pytest.param(4, 32, marks=pytest.mark.slow)])
 def test_context_parallel_equals_unsplit(cp, seq):
     for rank_errors in run_ranks(_check, cp, args=(seq,)):
         for name, error in rank_errors.items():

@@ -28,6 +28,9 @@ from longtrain.trainer.metrics import (MetricsLog, flops_per_token, measured_mat
                                        progress_line)
 from longtrain.trainer.model.decoder import Decoder, count_parameters, lm_loss
 from longtrain.trainer.model.ode import ode_stats
+from longtrain.trainer.parallel.mesh import build_mesh
+from longtrain.trainer.parallel.parallelize import parallelize
+from longtrain.trainer.parallel.plan import check_layout
 
 
 class StopSignal:
@@ -54,19 +57,15 @@ def preflight(recipe: Recipe, resume: str | None) -> Path | None:
     if recipe.data.task == "text":
         resolve_sources(recipe.data.corpus)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    p = recipe.parallel
-    model_parallel = p.tp * p.pp * p.cp
-    if world % model_parallel:
-        raise LongtrainError(f"world size {world} is not divisible by parallel.tp*pp*cp={model_parallel}")
-    if model_parallel > 1:
-        raise LongtrainError("parallel.tp, parallel.pp and parallel.cp > 1 are not supported by `longtrain train` yet; "
-                             "use data parallelism (more processes) for now")
-    if p.dp is not None and p.dp != world // model_parallel:
-        raise LongtrainError(f"parallel.dp={p.dp} does not match world size {world} / (tp*pp*cp={model_parallel})")
+    check_layout(recipe, world)  # world vs tp*pp*cp*dp, widths vs tp, layers vs pp, seq_len vs cp, batch
     return ckpt.resolve(resume, recipe.run_dir / "checkpoints")
 
 
-def evaluate(engine, dataset, train_cfg, device) -> float:
+def evaluate(engine, dataset, train_cfg, device, run=None) -> float:
+    if run is not None:  # tp / pp / cp: every rank takes its part of the same batches
+        batches = task_eval_batches if isinstance(dataset, TaskDataset) else eval_batches
+        return run.evaluate((x.to(device), y.to(device))
+                            for x, y in batches(dataset, train_cfg.micro_batch_size, train_cfg.eval_batches))
     model = engine.module
     model.eval()
     losses = []
@@ -120,16 +119,26 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     device = device_for(local_rank)
     if world > 1:
         dist.barrier()
-    train_set, eval_set, loader, shards = build_data(recipe, rank, world)
+    p = recipe.parallel
+    mesh = build_mesh(p.tp, p.pp, p.cp) if p.tp * p.pp * p.cp > 1 else None
+    dp_rank, dp_size = (mesh.coordinates["dp"], mesh.dp) if mesh else (rank, world)
+    train_set, eval_set, loader, shards = build_data(recipe, dp_rank, dp_size)
 
     torch.manual_seed(recipe.run.seed)
     model = Decoder(recipe.model, attention_backend=recipe.kernels.attention, scan_backend=recipe.kernels.scan,
                     activation_checkpointing=recipe.train.activation_checkpointing).to(device)
-    engine, optimizer, scheduler = build_engine(model, recipe.train, recipe.parallel, dp_size=world)
+    run = None
+    if mesh is None:
+        engine, optimizer, scheduler = build_engine(model, recipe.train, recipe.parallel, dp_size=world)
+    else:  # every rank starts from the same dense weights and keeps its shard (trainer/parallel/parallelize.py)
+        run = parallelize(recipe.model, recipe.train, recipe.parallel, mesh, model.state_dict(), recipe.data.seq_len,
+                          recipe.kernels.attention, recipe.kernels.scan)
+        engine, optimizer, scheduler = run.engine, run.optimizer, run.scheduler
+    trained = model if run is None else run.module
     start_step = 0
     if resume_from is not None:
         state = ckpt.load_rank_state(resume_from, rank)
-        model.load_state_dict(state["model"])
+        trained.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         engine.global_steps, engine.global_samples = state["engine"]["global_steps"], state["engine"]["global_samples"]
@@ -148,7 +157,7 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     recipe_text = (run_dir / "recipe.yaml").read_text() if rank == 0 else ""
 
     def save_checkpoint(step):
-        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"step": step, "model": trained.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": ckpt.rng_state(),
                  "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                             "micro_steps": engine.micro_steps}}
@@ -160,7 +169,7 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
         log.print(f"checkpoint: {path}")
 
     if start_step == 0:
-        eval_loss = evaluate(engine, eval_set, recipe.train, device)
+        eval_loss = evaluate(engine, eval_set, recipe.train, device, run)
         log.write({"step": 0, "eval_loss": eval_loss})
         log.print(f"step {0:>6}/{recipe.train.steps} | eval loss {eval_loss:.4f}")
     window_start, window_tokens = time.perf_counter(), 0
@@ -170,15 +179,20 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     loss_value = float("nan")
     while step < recipe.train.steps:
         losses = []
-        for inputs, targets in loader.next_step():
+        if run is not None:  # already the mean over every rank's tokens
+            micro_batches = [(x.to(device), y.to(device)) for x, y in loader.next_step()]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.bf16):
-                loss = lm_loss(engine(inputs.to(device)), targets.to(device))
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach())
+                losses.append(torch.tensor(run.train_step(run.prepare(micro_batches))))
+        else:
+            for inputs, targets in loader.next_step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.bf16):
+                    loss = lm_loss(engine(inputs.to(device)), targets.to(device))
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.detach())
         step += 1
         loss_t = torch.stack(losses).mean()
-        if world > 1:
+        if world > 1 and run is None:
             dist.all_reduce(loss_t, op=dist.ReduceOp.AVG)
         loss_value = float(loss_t)
         window_tokens += tokens_per_step
@@ -189,16 +203,16 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
             memory = peak_memory_bytes(device)
             record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
                       "mfu": mfu, "peak_memory_bytes": memory, "consumed_samples": loader.consumed_samples,
-                      **ode_stats(model)}
+                      **ode_stats(model if run is None else run.stats_module)}
             log.write(record)
             eta = (time.perf_counter() - run_start) / (step - start_step) * (recipe.train.steps - step)
             log.print(progress_line(step, recipe.train.steps, loss_value, record["lr"], tokens_per_s, mfu, memory, eta))
             window_start, window_tokens = time.perf_counter(), 0
         if step % recipe.train.eval_interval == 0 or step == recipe.train.steps:
-            eval_loss = evaluate(engine, eval_set, recipe.train, device)
+            eval_loss = evaluate(engine, eval_set, recipe.train, device, run)
             log.write({"step": step, "eval_loss": eval_loss})
             log.print(f"step {step:>6}/{recipe.train.steps} | eval loss {eval_loss:.4f}")
-            if shards is None:
+            if shards is None and run is None:  # the answer check decodes with the whole model in one process
                 with torch.no_grad():
                     accuracy = answer_accuracy(model, task_eval_batches(eval_set, recipe.train.micro_batch_size,
                                                                         recipe.train.eval_batches, answer_only=True))
@@ -214,7 +228,9 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
             log.print(f"received {stop.received or 'stop from another rank'}: checkpointed step {step}, exiting")
             log.close()
             return {"step": step, "stopped": True}
-    final = {"step": step, "final_loss": loss_value, "final_eval_loss": evaluate(engine, eval_set, recipe.train, device)}
+    if run is not None and recipe.train.sample_tokens:
+        run.load_into_dense(model)  # collective: rank 0's dense model gets the trained weights for the sample
+    final = {"step": step, "final_loss": loss_value, "final_eval_loss": evaluate(engine, eval_set, recipe.train, device, run)}
     if rank == 0 and recipe.train.sample_tokens and shards is None:
         prompt, answer = first_question(eval_set, 0)
         new = generate(model, prompt, len(answer))

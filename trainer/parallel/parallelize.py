@@ -97,6 +97,11 @@ class ParallelRun:
     def module(self) -> nn.Module:
         return self.engine.module
 
+    @property
+    def stats_module(self) -> nn.Module:
+        """The module whose O blocks report solver counts, named as in the dense decoder where possible."""
+        return self.module if self.mesh.pp > 1 else self.module.decoder
+
     def prepare(self, micro_batches: list[tuple]) -> list[tuple]:
         """This data-parallel rank's micro-batches of one step ((tokens, targets), each (batch, seq))
         -> what this rank feeds the engine: the pipeline's parallel.micro_batches equal pieces of the

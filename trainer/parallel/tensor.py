@@ -162,9 +162,23 @@ def parallel_logits(decoder, hidden: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     return decoder.logits(hidden)
 
 
+IGNORE_INDEX = -100  # targets outside the loss (cross-entropy's default ignore_index)
+
+
 def parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    """Mean next-token cross-entropy over this rank's tokens; logits are vocab-parallel when tp > 1."""
+    """This rank's share of the micro-batch's mean next-token cross-entropy, scaled so that averaging
+    over the cp ranks (as the dp x cp gradient average does) gives the mean over the whole sequences'
+    scored tokens: cp * (sum over my scored tokens) / (scored tokens over the cp group). Targets equal
+    to -100 are not scored. logits: (batch, seq, vocab / tp) float32, vocab-parallel when tp > 1."""
+    scored = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~scored, 0)
     if mesh.tp == 1:
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-    return vocab_parallel_cross_entropy(logits, targets).mean()
+        per_token = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe.reshape(-1),
+                                                reduction="none").view_as(targets)
+    else:
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+        per_token = vocab_parallel_cross_entropy(logits, safe)
+    count = scored.sum().to(torch.float64)
+    if mesh.cp > 1:
+        torch.distributed.all_reduce(count, group=mesh.cp_group)
+    return (per_token * scored).sum() * (mesh.cp / count.clamp(min=1)).to(per_token.dtype)
