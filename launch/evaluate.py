@@ -3,13 +3,14 @@
     longtrain eval CKPT [--task perplexity|passkey|mqar] [--lengths 1x,2x,4x | 256,512,1024] [--samples N]
     longtrain generate CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
 CKPT is a checkpoint directory, a run's checkpoints/ directory or the run directory (newest complete
-checkpoint). Eval writes <run>/eval/<task>.json and <task>.png. For a model trained on a synthetic
+checkpoint). Eval writes <run>/eval/<task>.json and <task>.png (or under --out). For a model trained on a synthetic
 task, a prompt is that task's symbols separated by spaces (default: the first held-out question).
 """
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 
 def cmd_eval(args) -> int:
@@ -25,7 +26,7 @@ def cmd_eval(args) -> int:
     start = time.perf_counter()
     results = evaluate(model, recipe, run_dir, task, lengths, samples=args.samples, batch_size=args.batch_size)
     results["checkpoint"] = str(found)
-    json_path, png_path = write_results(results, run_dir / "eval")
+    json_path, png_path = write_results(results, Path(args.out) if args.out else run_dir / "eval")
     print(f"eval {task} | {found} | training length {recipe.data.seq_len} | {time.perf_counter() - start:.1f} s")
     for length, entry in results["lengths"].items():
         ratio = f"{length / recipe.data.seq_len:g}x"
@@ -86,6 +87,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--samples", type=int, default=64, help="held-out samples per length")
     p.add_argument("--batch-size", type=int, default=None, help="default: train.micro_batch_size")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--out", default=None, help="directory for <task>.json and <task>.png (default: <run>/eval)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample from a checkpoint (KV cache and recurrent state)")
