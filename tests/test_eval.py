@@ -102,3 +102,21 @@ def test_text_perplexity_by_length(tmp_path):
         assert abs(entry["loss"] - math.log(512)) < 1.0  # an untrained model is near uniform
     plot_results(results, tmp_path / "perplexity.png")
     assert (tmp_path / "perplexity.png").stat().st_size > 10_000
+
+
+def test_mqar_accuracy_by_length(tmp_path):
+    from longtrain.trainer.config import recipe_from_dict
+    from longtrain.trainer.eval import evaluate, write_results
+
+    recipe = recipe_from_dict({"model": {"pattern": "AF", "d_model": 32, "n_heads": 2, "n_kv_heads": 1,
+                                         "vocab_size": 21},
+                               "data": {"task": "mqar", "seq_len": 32, "mqar": {"pairs": 4, "keys": 10, "values": 10}}})
+    torch.manual_seed(0)
+    results = evaluate(Decoder(recipe.model).eval(), recipe, tmp_path, "mqar", [32, 64], samples=8, batch_size=4)
+    for length in (32, 64):
+        entry = results["lengths"][length]
+        assert entry["samples"] == 8 and 0 <= entry["token_accuracy"] <= 1
+    json_path, png_path = write_results(results, tmp_path / "eval")
+    assert json.loads(json_path.read_text())["task"] == "mqar" and png_path.stat().st_size > 10_000
+    with pytest.raises(LongtrainError, match="model.vocab_size=21"):
+        evaluate(Decoder(recipe.model), recipe, tmp_path, "passkey", [32])
