@@ -23,9 +23,18 @@ def _free_port() -> int:
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     """Join (or create, for a single process) the default process group. Returns rank, world, local rank.
 
-    Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them a
+    A group that already exists (Ray Train makes one before our code runs) is used as it is. Otherwise
+    reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them a
     one-process group is made on 127.0.0.1. gloo on CPU, nccl on GPU.
     """
+    if dist.is_initialized():
+        # The launcher's group is the truth for rank and world, whatever the environment says.
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        else:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return dist.get_rank(), dist.get_world_size(), local_rank
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,8 @@ class StopSignal:
 
     def __init__(self):
         self.received: str | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; Ray Train runs the loop in a worker thread
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -52,11 +56,14 @@ class StopSignal:
         return bool(flag.item())
 
 
-def preflight(recipe: Recipe, resume: str | None) -> Path | None:
-    """Cheap checks of everything the user handed us; returns the checkpoint to resume from."""
+def preflight(recipe: Recipe, resume: str | None, world: int | None = None) -> Path | None:
+    """Cheap checks of everything the user handed us; returns the checkpoint to resume from.
+
+    world: the number of processes; default torchrun's WORLD_SIZE (1 without it). Launchers pass it
+    to check a layout before any worker exists."""
     if recipe.data.task == "text":
         resolve_sources(recipe.data.corpus)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world or int(os.environ.get("WORLD_SIZE", 1))
     check_layout(recipe, world)  # world vs tp*pp*cp*dp, widths vs tp, layers vs pp, seq_len vs cp, batch
     return ckpt.resolve(resume, recipe.run_dir / "checkpoints")
 
@@ -103,8 +110,15 @@ def build_data(recipe: Recipe, rank: int, world: int):
     return train_set, eval_set, loader, shards
 
 
-def train(recipe: Recipe, resume: str | None = None) -> dict:
-    """Run the recipe to train.steps (or until a stop signal). Returns the final record."""
+def train(recipe: Recipe, resume: str | None = None,
+          on_step: Callable[[int, dict, Path | None], None] | None = None) -> dict:
+    """Run the recipe to train.steps (or until a stop signal). Returns the final record.
+
+    on_step(step, metrics, checkpoint), when given, is called on every rank after each step with the
+    records logged at that step merged into one dict (empty when nothing was logged) and the
+    checkpoint directory written at that step (None when none was); every rank sees the same calls,
+    so it may be collective. Launchers use it to forward metrics and checkpoints (Ray Train's report).
+    """
     resume_from = preflight(recipe, resume)
     run_dir = recipe.run_dir
     if recipe.train.threads:
@@ -167,6 +181,7 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
         path = ckpt.save(run_dir / "checkpoints", step, state, manifest, recipe_text, rank=rank,
                          barrier=dist.barrier if world > 1 else (lambda: None), keep_last=recipe.checkpoint.keep_last)
         log.print(f"checkpoint: {path}")
+        return path
 
     if start_step == 0:
         eval_loss = evaluate(engine, eval_set, recipe.train, device, run)
@@ -179,6 +194,7 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
     loss_value = float("nan")
     while step < recipe.train.steps:
         losses = []
+        reported, saved = {}, None
         if run is not None:  # already the mean over every rank's tokens
             micro_batches = [(x.to(device), y.to(device)) for x, y in loader.next_step()]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.bf16):
@@ -205,23 +221,28 @@ def train(recipe: Recipe, resume: str | None = None) -> dict:
                       "mfu": mfu, "peak_memory_bytes": memory, "consumed_samples": loader.consumed_samples,
                       **ode_stats(model if run is None else run.stats_module)}
             log.write(record)
+            reported.update(record)
             eta = (time.perf_counter() - run_start) / (step - start_step) * (recipe.train.steps - step)
             log.print(progress_line(step, recipe.train.steps, loss_value, record["lr"], tokens_per_s, mfu, memory, eta))
             window_start, window_tokens = time.perf_counter(), 0
         if step % recipe.train.eval_interval == 0 or step == recipe.train.steps:
             eval_loss = evaluate(engine, eval_set, recipe.train, device, run)
             log.write({"step": step, "eval_loss": eval_loss})
+            reported["eval_loss"] = eval_loss
             log.print(f"step {step:>6}/{recipe.train.steps} | eval loss {eval_loss:.4f}")
             if shards is None and run is None:  # the answer check decodes with the whole model in one process
                 with torch.no_grad():
                     accuracy = answer_accuracy(model, task_eval_batches(eval_set, recipe.train.micro_batch_size,
                                                                         recipe.train.eval_batches, answer_only=True))
                 log.write({"step": step, "eval_accuracy": accuracy["sample_accuracy"]})
+                reported["eval_accuracy"] = accuracy["sample_accuracy"]
                 log.print(f"step {step:>6}/{recipe.train.steps} | eval {recipe.data.task} accuracy "
                           f"{accuracy['sample_accuracy']:.3f}")
         if step % recipe.checkpoint.interval == 0 or step == recipe.train.steps:
-            save_checkpoint(step)
+            saved = save_checkpoint(step)
             last_saved = step
+        if on_step is not None:
+            on_step(step, reported, saved)
         if stop.agreed(world):
             if last_saved != step:
                 save_checkpoint(step)
