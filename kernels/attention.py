@@ -127,7 +127,9 @@ def attention(q, k, v, causal=False, softmax_scale=None, return_lse=False, backe
     q: (batch, seq_q, heads, head_dim); k, v: (batch, seq_k, kv_heads, head_dim) with heads % kv_heads == 0
     (grouped-query attention). float32, bfloat16 or float64. Returns out (batch, seq_q, heads, head_dim),
     and with return_lse=True also lse (batch, heads, seq_q) float32, the natural log of each row's
-    softmax normaliser (already including softmax_scale).
+    softmax normaliser (already including softmax_scale); -inf for a causal row that sees no key.
+    With return_lse=True the `torch` backend is passed over (SDPA does not return the lse).
+    backend: None or "auto" for the best available, or one of `registry.names()` to force it.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects 4-d (batch, seq, heads, head_dim) tensors, got {tuple(q.shape)}, {tuple(k.shape)}")

@@ -5,6 +5,7 @@ for out, lse and every input gradient (with cotangents on both out and lse):
 max|fast - gold| <= 2 max|base - gold| + atol, atol = 1e-5 * max|gold|.
 """
 import math
+import os
 import subprocess
 import sys
 
@@ -91,16 +92,21 @@ def test_named_backends():
 
 @pytest.mark.slow
 def test_peak_memory_grows_linearly():
-    """Forward and backward at 2x the sequence length use about 2x the memory, not 4x."""
+    """Forward and backward at 4x the sequence length use about 4x the extra memory, not 16x."""
     script = """
-import resource, sys, torch
+import sys, torch
 from longtrain.kernels.attention import attention
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 seq = int(sys.argv[1])
 q, k, v = (torch.randn(1, seq, 8, 64, requires_grad=True) for _ in range(3))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current resident size
+before = status("VmRSS")
 attention(q, k, v, causal=True, backend="csrc").sum().backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(status("VmHWM") - before)
 """
-    growth = [int(subprocess.run([sys.executable, "-c", script, str(seq)], capture_output=True, text=True,
-                                 check=True).stdout) for seq in (4096, 8192)]
-    assert growth[1] < 3 * growth[0], f"peak memory growth {growth} KiB is not linear in the sequence length"
+    # Large blocks go straight back to the OS, so the peak is this call's own.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    growth = [int(subprocess.run([sys.executable, "-c", script, str(seq)], capture_output=True, text=True, env=env,
+                                 check=True).stdout) for seq in (2048, 8192)]
+    assert 0 < growth[1] < 8 * growth[0], f"peak memory growth {growth} KiB is not linear in the sequence length"

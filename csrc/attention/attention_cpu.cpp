@@ -1,16 +1,16 @@
 // Flash-style attention on CPU, forward and backward (Dao 2023, "FlashAttention-2", Alg. 1 and 2).
 //
 // Work is split over (batch, head, query tile) in the forward and over (batch, head) in the
-// backward. Scores exist only one (query tile x key tile) block at a time, so memory grows
-// linearly with the sequence: the forward keeps a running max and sum per row (online softmax,
-// Milakov & Gimelshein 2018) and the backward recomputes probabilities from the saved
-// log-sum-exp. The five tile products go to the BLAS sgemm that torch links (MKL on x86 wheels);
-// if no sgemm symbol is present, at::mm on strided views does the same work more slowly.
+// backward, handed to workers one task at a time (cpu_parallel.h). Scores exist only one
+// (query tile x key tile) block at a time, so memory grows linearly with the sequence: the
+// forward keeps a running max and sum per row (online softmax, Milakov & Gimelshein 2018) and
+// the backward recomputes probabilities from the saved log-sum-exp. The five tile products go
+// to the BLAS sgemm that torch links (MKL on x86 wheels); if no sgemm symbol is present, at::mm
+// on strided views does the same work more slowly.
 // Inputs of any float dtype are computed in float32. Causal masks are bottom-right aligned as in
 // flash-attn: query i sees key j when j <= i + seq_k - seq_q; a row that sees no key gets output 0
 // and lse -inf. Grouped-query attention: query head h reads K/V head h / (heads / kv_heads).
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../common/cpu_math.h"
+#include "../common/cpu_parallel.h"
 
 extern "C" {
 // Fortran BLAS, exported by libtorch_cpu when torch is built with MKL or OpenBLAS. Weak, so the
@@ -231,12 +232,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   const int64_t tiles = (p.seq_q + kTileQ - 1) / kTileQ;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  at::parallel_for(0, p.batch * p.heads * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(kTileQ * kTileK);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t tile = task % tiles, bh = task / tiles;
-      forward_tile(p, qp, kp, vp, op, lp, bh / p.heads, bh % p.heads, tile * kTileQ, scores);
-    }
+  const int64_t heads = p.batch * p.heads, tasks = heads * tiles;
+  std::vector<std::vector<float>> scores(task_workers(tasks), std::vector<float>(kTileQ * kTileK));
+  // Last query tiles first: under a causal mask they see the most keys.
+  parallel_tasks(tasks, [&](int64_t task, int64_t worker) {
+    const int64_t bh = task % heads, tile = tiles - 1 - task / heads;
+    forward_tile(p, qp, kp, vp, op, lp, bh / p.heads, bh % p.heads, tile * kTileQ, scores[worker]);
   });
   return {out.to(q_in.scalar_type()), lse};
 }
@@ -256,9 +257,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                    dlse_f.defined() ? dlse_f.data_ptr<float>() : nullptr, dq.data_ptr<float>(), dk.data_ptr<float>(),
                    dv.data_ptr<float>()};
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.batch * p.heads, [&](int64_t bh, int64_t) {
     std::vector<float> probs(kTileQ * kTileK), dprobs(kTileQ * kTileK);
-    for (int64_t bh = begin; bh < end; ++bh) backward_head(p, qp, kp, vp, g, bh / p.heads, bh % p.heads, probs, dprobs);
+    backward_head(p, qp, kp, vp, g, bh / p.heads, bh % p.heads, probs, dprobs);
   });
   const int64_t group = p.heads / p.kv_heads;
   if (group > 1) {

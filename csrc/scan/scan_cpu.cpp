@@ -11,13 +11,13 @@
 // recomputes its states rather than storing them. Inputs of any float dtype are read as float32;
 // all accumulation is float32.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "../common/cpu_math.h"
+#include "../common/cpu_parallel.h"
 
 namespace longtrain {
 namespace {
@@ -93,7 +93,7 @@ struct ScanGrads {
   const float *dout, *dlast, *checkpoints;
   float *du, *ddelta, *dz, *dinitial;
   float *dA, *dD;    // per (batch, channel): (batch, dim, padded), (batch, dim)
-  float *dB, *dC;    // per task block: (blocks, batch, seq, padded), summed afterwards
+  float *dB, *dC;    // per worker: (workers, batch, seq, padded), summed afterwards
 };
 
 // Reverse pass over one chunk, given its recomputed states and decays; `g` is dL/dh_t carried back.
@@ -110,6 +110,7 @@ void reverse_chunk(const ScanProblem& p, const ScanGrads& g_out, int64_t b, int6
   const float* z = p.z ? p.z + bd * p.seq : nullptr;
   const float* dout = g_out.dout + bd * p.seq;
   const float skip = p.D ? p.D[d] : 0.0f;
+  float dD_sum = 0.0f;  // kept local: neighbouring channels' dD share a cache line across workers
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const int64_t s = t - t0;
     const float* __restrict h = states + s * np;
@@ -127,7 +128,7 @@ void reverse_chunk(const ScanProblem& p, const ScanGrads& g_out, int64_t b, int6
       g_out.dz[bd * p.seq + t] = dy * y * sz * (1.0f + z[t] * (1.0f - sz));
       dy *= z[t] * sz;
     }
-    *dD += dy * ut;
+    dD_sum += dy * ut;
     const float dtu = dt * ut;
     float gB[kLanes] = {0}, gA[kLanes] = {0};
     for (int64_t n0 = 0; n0 < np; n0 += kLanes) {
@@ -149,17 +150,18 @@ void reverse_chunk(const ScanProblem& p, const ScanGrads& g_out, int64_t b, int6
     if (p.softplus) ddt *= sigmoid_approx(delta[t] + (p.delta_bias ? p.delta_bias[d] : 0.0f));
     g_out.ddelta[bd * p.seq + t] = ddt;
   }
+  *dD += dD_sum;
 }
 
-void scan_backward_channel(const ScanProblem& p, const ScanGrads& gr, int64_t b, int64_t d, int64_t block,
+void scan_backward_channel(const ScanProblem& p, const ScanGrads& gr, int64_t b, int64_t d, int64_t worker,
                            std::vector<float>& states, std::vector<float>& decays, std::vector<float>& dts,
                            std::vector<float>& ys) {
   const int64_t np = p.padded, bd = b * p.dim + d;
   std::vector<float> g(np, 0.0f), h(np, 0.0f), h_start(np, 0.0f);
   if (gr.dlast) std::copy(gr.dlast + bd * p.state, gr.dlast + (bd + 1) * p.state, g.begin());
   float* dA = gr.dA + bd * np;
-  float* dB = gr.dB + (block * p.batch + b) * p.seq * np;
-  float* dC = gr.dC + (block * p.batch + b) * p.seq * np;
+  float* dB = gr.dB + (worker * p.batch + b) * p.seq * np;
+  float* dC = gr.dC + (worker * p.batch + b) * p.seq * np;
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * p.chunk, t1 = std::min(p.seq, t0 + p.chunk);
     const float* start = gr.checkpoints + (bd * p.n_chunks + c) * p.state;
@@ -226,8 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
   at::Tensor last = at::empty({p.batch, p.dim, p.state}, opts);
   at::Tensor checkpoints = at::empty({p.batch, p.dim, p.n_chunks, p.state}, opts);
   float *out_ptr = out.data_ptr<float>(), *last_ptr = last.data_ptr<float>(), *cp = checkpoints.data_ptr<float>();
-  at::parallel_for(0, p.batch * p.dim, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) scan_forward_channel(p, i / p.dim, i % p.dim, out_ptr, last_ptr, cp);
+  parallel_tasks(p.batch * p.dim, [&](int64_t i, int64_t) {
+    scan_forward_channel(p, i / p.dim, i % p.dim, out_ptr, last_ptr, cp);
   });
   return {out.to(u.scalar_type()), last, checkpoints};
 }
@@ -245,24 +247,20 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   auto opts = u.options().dtype(at::kFloat);
   at::Tensor dout_f = as_float(dout), cps = as_float(checkpoints), dlast;
   if (dlast_state && dlast_state->defined()) dlast = as_float(*dlast_state);
-  // Channel blocks: each task owns one block of one batch row, so dB and dC need no atomics.
-  const int64_t blocks = std::min<int64_t>(p.dim, std::max<int64_t>(1, 4 * at::get_num_threads() / p.batch));
-  const int64_t block_size = (p.dim + blocks - 1) / blocks;
+  // One task per (batch, channel); dB and dC are summed over channels into one buffer per worker
+  // (so without atomics), and the buffers are added up at the end.
+  const int64_t workers = task_workers(p.batch * p.dim);
   at::Tensor du = at::empty({p.batch, p.dim, p.seq}, opts), ddelta = at::empty_like(du);
   at::Tensor dz = p.z ? at::empty_like(du) : at::empty({0}, opts);
   at::Tensor dinitial = at::empty({p.batch, p.dim, p.state}, opts);
   at::Tensor dA = at::zeros({p.batch, p.dim, p.padded}, opts), dD = at::zeros({p.batch, p.dim}, opts);
-  at::Tensor dB = at::zeros({blocks, p.batch, p.seq, p.padded}, opts), dC = at::zeros_like(dB);
+  at::Tensor dB = at::zeros({workers, p.batch, p.seq, p.padded}, opts), dC = at::zeros_like(dB);
   ScanGrads gr{dout_f.data_ptr<float>(), opt_ptr(dlast), cps.data_ptr<float>(), du.data_ptr<float>(),
                ddelta.data_ptr<float>(), p.z ? dz.data_ptr<float>() : nullptr, dinitial.data_ptr<float>(),
                dA.data_ptr<float>(), dD.data_ptr<float>(), dB.data_ptr<float>(), dC.data_ptr<float>()};
-  at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(p.batch * p.dim, [&](int64_t task, int64_t worker) {
     std::vector<float> states(p.chunk * p.padded), decays(p.chunk * p.padded), dts(p.chunk), ys(p.chunk);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, block = task % blocks;
-      for (int64_t d = block * block_size; d < std::min(p.dim, (block + 1) * block_size); ++d)
-        scan_backward_channel(p, gr, b, d, block, states, decays, dts, ys);
-    }
+    scan_backward_channel(p, gr, task / p.dim, task % p.dim, worker, states, decays, dts, ys);
   });
   auto unpad = [&](const at::Tensor& x) { return x.sum(0).narrow(2, 0, p.state).transpose(1, 2).contiguous(); };
   at::Tensor ddelta_bias = p.delta_bias ? ddelta.sum({0, 2}) : at::empty({0}, opts);

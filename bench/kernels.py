@@ -1,0 +1,270 @@
+"""Kernel benchmark: our csrc scan and attention side by side with what a CPU user has today.
+
+    python bench/kernels.py [--mamba-src DIR] [--threads N] [--quick]
+
+Prints one table per op: forward + backward time and peak extra memory of ours and of each peer,
+the ratio peer / ours, and ours against the machine's measured limits (memory bandwidth for the
+scan, float32 matmul FLOP/s for attention). Every point runs in a fresh subprocess (so peak
+memory is that point's own high-water mark, with glibc told to return large blocks to the OS).
+
+Scan peers: mamba-ssm's `selective_scan_ref` (loaded from an installed mamba_ssm, or from its
+source tree via --mamba-src, with its CUDA module and triton import stubbed; its backward grows
+with the square of the sequence, so it runs at L <= 512 only) and the step-by-step PyTorch loop
+of transformers' Mamba slow path (the same algorithm as kernels/scan.py's `reference`).
+Attention peers: torch SDPA (flash-style CPU kernel) and naive attention (`reference`).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import types
+
+import torch
+
+SCAN_SHAPE = dict(batch=2, dim=256, state=16)
+ATTENTION_SHAPE = dict(batch=1, heads=8, head_dim=64)
+
+
+# ----------------------------------------------------------------------------- peers
+def load_mamba_ref(mamba_src: str | None):
+    """mamba-ssm's selective_scan_ref, importing only what it needs; None when unavailable."""
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    layer_norm = types.ModuleType("mamba_ssm.ops.triton.layer_norm")
+    layer_norm._layer_norm_fwd = None  # imported by the module, unused by selective_scan_ref
+    sys.modules.setdefault("mamba_ssm.ops.triton.layer_norm", layer_norm)
+    root = mamba_src
+    if root is None:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = os.path.dirname(list(spec.submodule_search_locations)[0])
+    package = types.ModuleType("mamba_ssm")  # a bare package: mamba_ssm/__init__.py needs triton and CUDA
+    package.__path__ = [os.path.join(root, "mamba_ssm")]
+    sys.modules["mamba_ssm"] = package
+    path = os.path.join(root, "mamba_ssm", "ops", "selective_scan_interface.py")
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location("mamba_ssm.ops.selective_scan_interface", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.selective_scan_ref
+
+
+# ----------------------------------------------------------------------------- one point
+def peak_rss_reset() -> int:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return read_status("VmRSS")
+
+
+def read_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def scan_point(impl: str, seq: int, mamba_src: str | None):
+    from longtrain.kernels.scan import reference, selective_scan
+
+    b, d, n = SCAN_SHAPE["batch"], SCAN_SHAPE["dim"], SCAN_SHAPE["state"]
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(b, d, seq, generator=g), torch.randn(b, d, seq, generator=g) * 0.5 - 1,
+              -torch.rand(d, n, generator=g) - 0.1, torch.randn(b, n, seq, generator=g),
+              torch.randn(b, n, seq, generator=g), torch.randn(d, generator=g),
+              torch.randn(b, d, seq, generator=g), torch.randn(d, generator=g) * 0.1]
+    leaves = [x.requires_grad_() for x in leaves]
+    u, delta, A, B, C, D, z, bias = leaves
+    if impl == "ours":
+        run = lambda: selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, backend="csrc")
+    elif impl == "loop":
+        run = lambda: reference(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)[0]
+    else:
+        ref = load_mamba_ref(mamba_src)
+        run = lambda: ref(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)
+    return run, leaves
+
+
+def attention_point(impl: str, seq: int):
+    import torch.nn.functional as F
+
+    from longtrain.kernels.attention import attention, reference
+
+    b, h, hd = ATTENTION_SHAPE["batch"], ATTENTION_SHAPE["heads"], ATTENTION_SHAPE["head_dim"]
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(b, seq, h, hd, generator=g).requires_grad_() for _ in range(3)]
+    q, k, v = leaves
+    if impl == "ours":
+        run = lambda: attention(q, k, v, causal=True, backend="csrc")
+    elif impl == "sdpa":
+        run = lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     is_causal=True).transpose(1, 2)
+    else:
+        run = lambda: reference(q, k, v, causal=True)[0]
+    return run, leaves
+
+
+def measure(spec: dict) -> dict:
+    """Time forward and backward (best of `repeats`) and the first run's peak extra memory."""
+    torch.set_num_threads(spec["threads"])
+    if spec["op"] == "scan":
+        run, leaves = scan_point(spec["impl"], spec["seq"], spec.get("mamba_src"))
+    else:
+        run, leaves = attention_point(spec["impl"], spec["seq"])
+    best_fwd = best_bwd = math.inf
+    peak = None
+    for _ in range(spec["repeats"]):
+        for x in leaves:
+            x.grad = None
+        base = peak_rss_reset()
+        start = time.perf_counter()
+        out = run()
+        middle = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        end = time.perf_counter()
+        if peak is None:
+            peak = read_status("VmHWM") - base
+        del out
+        best_fwd, best_bwd = min(best_fwd, middle - start), min(best_bwd, end - middle)
+    return {"fwd": best_fwd, "bwd": best_bwd, "total": best_fwd + best_bwd, "peak_mb": peak / 2**20}
+
+
+def run_point(spec: dict) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    result = subprocess.run([sys.executable, __file__, "--point", json.dumps(spec)], capture_output=True, text=True,
+                            env=env)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- machine limits
+def memory_bandwidth() -> float:
+    """Bytes per second of a large copy (read + write), best of 5."""
+    src = torch.ones(64 * 2**20)  # 256 MiB
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def matmul_flops() -> float:
+    """float32 FLOP/s of a 2048^3 matrix product, best of 5."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best
+
+
+def scan_bytes(seq: int) -> int:
+    """Bytes our scan must move at least, fwd + bwd: every (batch, dim, seq) float32 array read or
+    written once (fwd: u, delta, z in, out; bwd: u, delta, z, dout in, du, ddelta, dz out)."""
+    b, d, n = SCAN_SHAPE["batch"], SCAN_SHAPE["dim"], SCAN_SHAPE["state"]
+    return 4 * (11 * b * d * seq + 6 * b * n * seq)
+
+
+def attention_flops(seq: int) -> float:
+    """Matmul FLOPs of causal attention, fwd (QK^T, PV) + bwd (QK^T again, dV, dP, dQ, dK)."""
+    b, h, hd = ATTENTION_SHAPE["batch"], ATTENTION_SHAPE["heads"], ATTENTION_SHAPE["head_dim"]
+    pairs = seq * (seq + 1) / 2
+    return 7 * 2 * b * h * hd * pairs
+
+
+# ----------------------------------------------------------------------------- tables
+def fmt_time(seconds: float) -> str:
+    return f"{seconds * 1e3:9.1f} ms" if seconds < 10 else f"{seconds:9.2f} s "
+
+
+def print_table(title: str, rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def bench_op(op: str, plan: list[tuple[str, int, int]], mamba_src: str | None, threads: int) -> dict:
+    results = {}
+    for impl, seq, repeats in plan:
+        spec = {"op": op, "impl": impl, "seq": seq, "repeats": repeats, "mamba_src": mamba_src, "threads": threads}
+        results[(impl, seq)] = run_point(spec)
+        print(f"  {op} {impl:>5} L={seq:<6} {results[(impl, seq)]}", file=sys.stderr, flush=True)
+    return results
+
+
+def report(op: str, results: dict, names: dict, limit_name: str, limit_time) -> None:
+    rows = []
+    for seq in sorted({s for _, s in results}):
+        ours = results.get(("ours", seq), {})
+        for impl, label in names.items():
+            r = results.get((impl, seq))
+            if r is None:
+                continue
+            if "error" in r:
+                rows.append([seq, label, "-", "-", "-", "-", r["error"][:60]])
+                continue
+            ratio = f"{r['total'] / ours['total']:.1f}x" if impl != "ours" and "total" in ours else ""
+            limit = f"{limit_time(seq) / r['total']:.1%} of {limit_name}" if impl == "ours" else ""
+            rows.append([seq, label, fmt_time(r["fwd"]), fmt_time(r["bwd"]), fmt_time(r["total"]),
+                         f"{r['peak_mb']:8.0f} MB", ratio or limit])
+    print_table(f"{op}", rows, ["seq", "implementation", "forward", "backward", "fwd+bwd", "peak extra",
+                                "peer / ours  (or ours vs machine limit)"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mamba-src", help="source tree of mamba-ssm (holding mamba_ssm/) when it is not installed")
+    parser.add_argument("--quick", action="store_true", help="short sequences only (a smoke run)")
+    parser.add_argument("--threads", type=int, help="torch threads for every point (default: torch's default)")
+    parser.add_argument("--point", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.point:
+        print(json.dumps(measure(json.loads(args.point))))
+        return
+
+    bandwidth, flops = memory_bandwidth(), matmul_flops()
+    mamba_available = load_mamba_ref(args.mamba_src) is not None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s, float32 matmul {flops / 1e9:.0f} GFLOP/s")
+    quick = args.quick
+    scan_plan = [("ours", s, 3) for s in ((256, 1024) if quick else (512, 1024, 4096, 16384))]
+    scan_plan += [("loop", s, 1) for s in ((256,) if quick else (512, 1024, 4096))]
+    if mamba_available:
+        scan_plan += [("mamba", s, 1) for s in ((256,) if quick else (256, 512))]
+    attention_plan = [(impl, s, 3 if s <= 4096 else 2) for impl in ("ours", "sdpa")
+                      for s in ((512, 1024) if quick else (1024, 4096, 16384))]
+    attention_plan += [("naive", s, 1) for s in ((512, 1024) if quick else (1024, 4096))]
+
+    scan_names = {"ours": "ours (csrc)", "loop": "PyTorch step loop (transformers slow path)"}
+    if mamba_available:
+        scan_names["mamba"] = "mamba-ssm selective_scan_ref"
+    report(f"selective scan fwd+bwd, float32, batch {SCAN_SHAPE['batch']}, dim {SCAN_SHAPE['dim']}, "
+           f"state {SCAN_SHAPE['state']}, with D, z, delta_bias, softplus"
+           + ("" if mamba_available else "  [mamba-ssm not found: step loop only]"),
+           bench_op("scan", scan_plan, args.mamba_src, torch.get_num_threads()), scan_names, "copy bandwidth",
+           lambda seq: scan_bytes(seq) / bandwidth)
+    report(f"attention fwd+bwd, causal, float32, batch {ATTENTION_SHAPE['batch']}, heads {ATTENTION_SHAPE['heads']}, "
+           f"head_dim {ATTENTION_SHAPE['head_dim']}",
+           bench_op("attention", attention_plan, None, torch.get_num_threads()),
+           {"ours": "ours (csrc)", "sdpa": "torch SDPA (flash CPU kernel)", "naive": "naive (materialised scores)"},
+           "matmul FLOP/s", lambda seq: attention_flops(seq) / flops)
+
+
+if __name__ == "__main__":
+    main()
