@@ -5,6 +5,7 @@
     longtrain eval CKPT [--task perplexity|passkey|mqar] [--lengths 1x,2x,4x]
     longtrain generate CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-p P]
     longtrain report RUN_DIR
+    longtrain launch ray [RECIPE] [--address ADDR] [--num-workers N] [--gpus-per-worker G] [section.key=value ...]
 With no RECIPE, trains the quickstart recipe shipped with the package. Errors in user input are
 printed as one line (no traceback) and exit with status 2.
 """
@@ -19,6 +20,7 @@ import warnings
 from longtrain.launch.ckpt import add_parser as add_ckpt_parser
 from longtrain.launch.evaluate import add_parsers as add_evaluate_parsers
 from longtrain.launch.plan import add_parser as add_plan_parser
+from longtrain.launch.ray_launch import add_parser as add_launch_parser
 from longtrain.launch.report import add_parser as add_report_parser
 from longtrain.trainer.errors import LongtrainError
 
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ckpt_parser(sub)
     add_evaluate_parsers(sub)
     add_report_parser(sub)
+    add_launch_parser(sub)
     return parser
 
 
