@@ -11,6 +11,10 @@ does); the peers through torch.optim.AdamW with the same settings, on the same s
 (batch 1). MFU is the longtrain model's FLOPs per token (PaLM appendix convention, see
 trainer/metrics.py; a peer of the same size counts the same FLOPs) times tokens/s over the float32
 matmul rate measured here before the runs. Timings are the median of the timed steps after one warm-up.
+
+Clocks: `tokens/s` is by the process's CPU time (process_time) times the thread count, i.e. the rate
+with each thread on a core of its own; on a machine shared with other work, wall time mostly measures
+the neighbours. The peak is measured the same way. `wall tok/s` is by the wall clock, for reference.
 """
 from __future__ import annotations
 
@@ -111,19 +115,21 @@ def child(spec: dict) -> dict:
             optimizer.step()
     model.train()
     setup_rss = current_rss_bytes()
-    times = []
+    times, cpu_times = [], []
     for i in range(args.steps + 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(tokens[i])
         times.append(time.perf_counter() - start)
+        cpu_times.append((time.process_time() - cpu_start) / args.threads)
     if framework == "longtrain":
         flops = flops_per_token(model, seq_len)  # O blocks: counts the last solve's evaluations
     else:
         reference(tokens[0][:, :8])
         flops = flops_per_token(reference, seq_len)
-    seconds = statistics.median(times[1:])
+    seconds = statistics.median(cpu_times[1:])
     return {"model": spec["model"], "seq_len": seq_len, "parameters": count_parameters(model),
             "seconds_per_step": seconds, "tokens_per_s": seq_len / seconds, "flops_per_token": flops,
+            "wall_tokens_per_s": seq_len / statistics.median(times[1:]),
             "peak_rss_bytes": rss_bytes(), "activation_bytes": rss_bytes() - setup_rss}
 
 
@@ -142,16 +148,28 @@ def run_child(spec: dict, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+def matmul_peak(threads: int, size: int = 1024, seconds: float = 0.5) -> float:
+    """float32 matmul FLOP/s by process CPU time times threads (see the module docstring)."""
+    import torch
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    count, cpu_start, start = 0, time.process_time(), time.perf_counter()
+    while time.perf_counter() - start < seconds or count < 3:
+        a @ b
+        count += 1
+    return 2 * size ** 3 * count / ((time.process_time() - cpu_start) / threads)
+
+
 def parse_lengths(text: str) -> list[int]:
     return [int(float(x[:-1]) * 1024) if x.lower().endswith("k") else int(x) for x in text.split(",")]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-lens", default="1k,2k,4k,8k", help="comma list; k = 1024")
+    parser.add_argument("--seq-lens", default="512,1k,2k,4k,8k", help="comma list; k = 1024")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of: {', '.join(MODELS)}")
     parser.add_argument("--llama-max-len", default="4k", help="skip the transformers Llama peer above this length")
-    parser.add_argument("--hf-mamba-max-len", default="1k",
+    parser.add_argument("--hf-mamba-max-len", default="512",
                         help="skip the transformers Mamba peer above this length (its CPU path, a Python loop over "
                              "sequence-minor slices, grows with the square of the length in backward)")
     parser.add_argument("--d-model", type=int, default=256)
@@ -161,7 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ode-solver", default="midpoint")
     parser.add_argument("--ode-steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per (model, length) subprocess")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -171,10 +189,8 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-    from longtrain.trainer.metrics import measured_matmul_flops
     torch.set_num_threads(args.threads)
-    # The best of several windows: on a shared machine a single window under-reads the peak.
-    peak = max(measured_matmul_flops(torch.device("cpu"), size=1024, seconds=0.5) for _ in range(4))
+    peak = max(matmul_peak(args.threads) for _ in range(4))
     models = [m.strip() for m in args.models.split(",")]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -182,10 +198,10 @@ def main(argv=None) -> int:
     lengths = parse_lengths(args.seq_lens)
     peer_max = {"llama": parse_lengths(args.llama_max_len)[0], "mamba": parse_lengths(args.hf_mamba_max_len)[0]}
     spec_args = {k: v for k, v in vars(args).items() if k not in ("child", "json")}
-    print(f"# measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s on {args.threads} threads; "
+    print(f"# measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s by CPU time on {args.threads} thread(s); "
           f"d_model {args.d_model}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, batch 1, torch {torch.__version__}")
     results = []
-    header = f"{'model':<20} {'pattern':<7} {'seq':>6} {'params':>9} {'s/step':>8} {'tokens/s':>9} {'MFU %':>6} {'peak MiB':>9} {'act MiB':>8}"
+    header = f"{'model':<20} {'pattern':<7} {'seq':>6} {'params':>9} {'s/step':>8} {'tokens/s':>9} {'MFU %':>6} {'peak MiB':>9} {'act MiB':>8} {'wall tok/s':>10}"
     print(header)
     print("-" * len(header))
     for seq_len in lengths:
@@ -201,7 +217,7 @@ def main(argv=None) -> int:
             r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak
             print(f"{model:<20} {pattern:<7} {seq_len:>6} {r['parameters']:>9,} {r['seconds_per_step']:>8.3f} "
                   f"{r['tokens_per_s']:>9,.0f} {100 * r['mfu']:>6.1f} {r['peak_rss_bytes'] / 2**20:>9,.0f} "
-                  f"{r['activation_bytes'] / 2**20:>8,.0f}", flush=True)
+                  f"{r['activation_bytes'] / 2**20:>8,.0f} {r['wall_tokens_per_s']:>10,.0f}", flush=True)
     print_ratios(results)
     if args.json:
         with open(args.json, "w") as f:
