@@ -177,6 +177,10 @@ def fit(recipe: Recipe, resume: str | None, where: str) -> None:
     if getattr(result, "error", None) is not None:
         raise LongtrainError(f"training failed under Ray (launch.max_failures={launch.max_failures}): "
                              f"{_failure_reason(result.error)}")
+    metrics = result.metrics or {}
+    step, loss = metrics.get("step", float("nan")), metrics.get("loss", float("nan"))
+    print(f"longtrain: Ray's last report: step {step:g}, loss {loss:.4f}; Ray's latest checkpoint: "
+          f"{result.checkpoint.path if result.checkpoint else 'none'}", flush=True)
 
 
 def _auth_env() -> None:

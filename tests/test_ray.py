@@ -169,6 +169,15 @@ def test_ray_job_matches_torchrun(ray_cluster, tmp_path):
     proc = launch(ray_recipe, *STEPS, "--address", address, "--num-workers", 2, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout and "submitted Ray job" in proc.stdout
+    # Ray got the metrics and a pointer to our last checkpoint
+    assert re.search(r"Ray's last report: step 6, loss \d", proc.stdout), proc.stdout[-3000:]
+    pointer = list((tmp_path / "ray" / "ray").glob("*/step_00000006/longtrain_checkpoint.txt"))
+    assert pointer and pointer[0].read_text().strip() == str(tmp_path / "ray" / "checkpoints" / "step_00000006")
+    job = re.search(r"submitted Ray job (\S+)", proc.stdout).group(1)
+    status = launch("--status", job, "--address", "auto", env=env, timeout=120)
+    assert status.returncode == 0 and f"{job}: SUCCEEDED" in status.stdout, status.stdout + status.stderr[-2000:]
+    stop = launch("--stop", job, "--address", address, env=env, timeout=120)
+    assert stop.returncode == 0 and "already finished" in stop.stdout, stop.stdout + stop.stderr[-2000:]
     torch_recipe = write_recipe(tmp_path / "torchrun.yaml",
                                 tiny_recipe(tmp_path / "torchrun", train={"micro_batch_size": 2}))
     torchrun_dp2(torch_recipe, env)
