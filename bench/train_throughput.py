@@ -166,10 +166,10 @@ def parse_lengths(text: str) -> list[int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-lens", default="512,1k,2k,4k,8k", help="comma list; k = 1024")
+    parser.add_argument("--seq-lens", default="256,512,1k,2k,4k,8k", help="comma list; k = 1024")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of: {', '.join(MODELS)}")
     parser.add_argument("--llama-max-len", default="4k", help="skip the transformers Llama peer above this length")
-    parser.add_argument("--hf-mamba-max-len", default="512",
+    parser.add_argument("--hf-mamba-max-len", default="256",
                         help="skip the transformers Mamba peer above this length (its CPU path, a Python loop over "
                              "sequence-minor slices, grows with the square of the length in backward)")
     parser.add_argument("--d-model", type=int, default=256)
