@@ -310,7 +310,10 @@ def resolve(args) -> Recipe:
     if launch.num_workers is None:
         launch.num_workers = p.tp * p.pp * p.cp * (p.dp or 1)
     recipe.run.dir = str(recipe.run_dir.resolve())
-    check_layout(recipe, launch.num_workers)
+    try:
+        check_layout(recipe, launch.num_workers)
+    except LongtrainError as e:
+        raise LongtrainError(f"--num-workers {launch.num_workers} (launch.num_workers): {e}") from None
     return recipe
 
 
