@@ -4,8 +4,9 @@
 
 Prints one table per op: forward + backward time and peak extra memory of ours and of each peer,
 the ratio peer / ours, and ours against the machine's measured limits (memory bandwidth for the
-scan, float32 matmul FLOP/s for attention). Every point runs in a fresh subprocess (so peak
-memory is that point's own high-water mark, with glibc told to return large blocks to the OS).
+scan, float32 matmul FLOP/s for attention). Each sequence length runs in a fresh subprocess in
+which the implementations take turns, round by round, so a busy machine slows them alike; peak
+memory is each one's own high-water mark (glibc is told to return large blocks to the OS).
 
 Scan peers: mamba-ssm's `selective_scan_ref` (loaded from an installed mamba_ssm, or from its
 source tree via --mamba-src, with its CUDA module and triton import stubbed; its backward grows
@@ -111,29 +112,46 @@ def attention_point(impl: str, seq: int):
     return run, leaves
 
 
+def time_once(run, leaves) -> tuple[float, float, int]:
+    """Forward and backward seconds of one call, and its peak extra resident memory in bytes."""
+    for x in leaves:
+        x.grad = None
+    base = peak_rss_reset()
+    start = time.perf_counter()
+    out = run()
+    middle = time.perf_counter()
+    out.backward(torch.ones_like(out))
+    end = time.perf_counter()
+    return middle - start, end - middle, read_status("VmHWM") - base
+
+
 def measure(spec: dict) -> dict:
-    """Time forward and backward (best of `repeats`) and the first run's peak extra memory."""
+    """All implementations of one (op, seq), in rounds: each round runs every implementation once
+    (those with fewer repeats drop out), so that the machine's load falls on all of them alike.
+    Best forward and backward times; peak extra memory of each implementation's first call."""
     torch.set_num_threads(spec["threads"])
-    if spec["op"] == "scan":
-        run, leaves = scan_point(spec["impl"], spec["seq"], spec.get("mamba_src"))
-    else:
-        run, leaves = attention_point(spec["impl"], spec["seq"])
-    best_fwd = best_bwd = math.inf
-    peak = None
-    for _ in range(spec["repeats"]):
-        for x in leaves:
-            x.grad = None
-        base = peak_rss_reset()
-        start = time.perf_counter()
-        out = run()
-        middle = time.perf_counter()
-        out.backward(torch.ones_like(out))
-        end = time.perf_counter()
-        if peak is None:
-            peak = read_status("VmHWM") - base
-        del out
-        best_fwd, best_bwd = min(best_fwd, middle - start), min(best_bwd, end - middle)
-    return {"fwd": best_fwd, "bwd": best_bwd, "total": best_fwd + best_bwd, "peak_mb": peak / 2**20}
+
+    def point(impl, seq):
+        return scan_point(impl, seq, spec.get("mamba_src")) if spec["op"] == "scan" else attention_point(impl, seq)
+
+    points, results = {}, {}
+    for impl, _ in spec["impls"]:
+        try:
+            time_once(*point(impl, 64))  # one-time costs (library loading, thread pools) fall outside the timings
+            points[impl] = point(impl, spec["seq"])
+        except Exception as error:  # a peer that cannot load here is reported, not fatal
+            results[impl] = {"error": f"{type(error).__name__}: {error}"}
+    for round_index in range(max(repeats for _, repeats in spec["impls"])):
+        for impl, repeats in spec["impls"]:
+            if impl not in points or round_index >= repeats:
+                continue
+            fwd, bwd, peak = time_once(*points[impl])
+            best = results.setdefault(impl, {"fwd": math.inf, "bwd": math.inf, "peak_mb": peak / 2**20})
+            best["fwd"], best["bwd"] = min(best["fwd"], fwd), min(best["bwd"], bwd)
+    for result in results.values():
+        if "fwd" in result:
+            result["total"] = result["fwd"] + result["bwd"]
+    return results
 
 
 def run_point(spec: dict) -> dict:
@@ -141,17 +159,18 @@ def run_point(spec: dict) -> dict:
     result = subprocess.run([sys.executable, __file__, "--point", json.dumps(spec)], capture_output=True, text=True,
                             env=env)
     if result.returncode != 0:
-        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+        error = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        return {impl: {"error": error} for impl, _ in spec["impls"]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- machine limits
 def memory_bandwidth() -> float:
-    """Bytes per second of a large copy (read + write), best of 5."""
+    """Bytes per second of a large copy (read + write), best of 10."""
     src = torch.ones(64 * 2**20)  # 256 MiB
     dst = torch.empty_like(src)
     best = math.inf
-    for _ in range(5):
+    for _ in range(10):
         start = time.perf_counter()
         dst.copy_(src)
         best = min(best, time.perf_counter() - start)
@@ -159,10 +178,10 @@ def memory_bandwidth() -> float:
 
 
 def matmul_flops() -> float:
-    """float32 FLOP/s of a 2048^3 matrix product, best of 5."""
+    """float32 FLOP/s of a 2048^3 matrix product, best of 10."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     best = math.inf
-    for _ in range(5):
+    for _ in range(10):
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
@@ -197,12 +216,14 @@ def print_table(title: str, rows: list[list[str]], header: list[str]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
-def bench_op(op: str, plan: list[tuple[str, int, int]], mamba_src: str | None, threads: int) -> dict:
+def bench_op(op: str, plan: dict[int, list[tuple[str, int]]], mamba_src: str | None, threads: int) -> dict:
+    """plan: seq -> [(implementation, repeats)]. Returns {(implementation, seq): result}."""
     results = {}
-    for impl, seq, repeats in plan:
-        spec = {"op": op, "impl": impl, "seq": seq, "repeats": repeats, "mamba_src": mamba_src, "threads": threads}
-        results[(impl, seq)] = run_point(spec)
-        print(f"  {op} {impl:>5} L={seq:<6} {results[(impl, seq)]}", file=sys.stderr, flush=True)
+    for seq, impls in plan.items():
+        spec = {"op": op, "seq": seq, "impls": impls, "mamba_src": mamba_src, "threads": threads}
+        for impl, result in run_point(spec).items():
+            results[(impl, seq)] = result
+            print(f"  {op} {impl:>5} L={seq:<6} {result}", file=sys.stderr, flush=True)
     return results
 
 
@@ -243,13 +264,15 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s, float32 matmul {flops / 1e9:.0f} GFLOP/s")
     quick = args.quick
-    scan_plan = [("ours", s, 3) for s in ((256, 1024) if quick else (512, 1024, 4096, 16384))]
-    scan_plan += [("loop", s, 1) for s in ((256,) if quick else (512, 1024, 4096))]
-    if mamba_available:
-        scan_plan += [("mamba", s, 1) for s in ((256,) if quick else (256, 512))]
-    attention_plan = [(impl, s, 3 if s <= 4096 else 2) for impl in ("ours", "sdpa")
-                      for s in ((512, 1024) if quick else (1024, 4096, 16384))]
-    attention_plan += [("naive", s, 1) for s in ((512, 1024) if quick else (1024, 4096))]
+    # seq -> [(implementation, repeats)]; mamba's reference backward is quadratic in the sequence.
+    scan_plan = {256: [("ours", 3), ("loop", 2), ("mamba", 1)], 1024: [("ours", 3), ("loop", 2)]} if quick else {
+        256: [("ours", 3), ("loop", 2), ("mamba", 1)], 512: [("ours", 3), ("loop", 2), ("mamba", 1)],
+        1024: [("ours", 3), ("loop", 2)], 4096: [("ours", 3), ("loop", 1)], 16384: [("ours", 2)]}
+    if not mamba_available:
+        scan_plan = {seq: [p for p in impls if p[0] != "mamba"] for seq, impls in scan_plan.items()}
+    attention_plan = {512: [("ours", 3), ("sdpa", 3), ("naive", 1)], 1024: [("ours", 3), ("sdpa", 3), ("naive", 1)]} \
+        if quick else {1024: [("ours", 3), ("sdpa", 3), ("naive", 1)], 4096: [("ours", 3), ("sdpa", 3), ("naive", 1)],
+                       16384: [("ours", 2), ("sdpa", 2)]}
 
     scan_names = {"ours": "ours (csrc)", "loop": "PyTorch step loop (transformers slow path)"}
     if mamba_available:

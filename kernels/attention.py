@@ -72,7 +72,8 @@ class _CsrcAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.longtrain.attention_bwd(dout.contiguous(), q, k, v, out, lse, dlse, ctx.causal, ctx.scale)
+        dq, dk, dv = torch.ops.longtrain.attention_bwd(dout.contiguous(), q, k, v, out, lse, dlse, ctx.causal,
+                                                       ctx.scale)
         return dq, dk, dv, None, None
 
 

@@ -50,7 +50,8 @@ class OpRegistry:
                 if b.name == backend:
                     reason = b.supports(device=device, dtype=dtype, **facts)
                     if reason:
-                        usable = [c.name for c in self.backends if c.supports(device=device, dtype=dtype, **facts) is None]
+                        usable = [c.name for c in self.backends
+                                  if c.supports(device=device, dtype=dtype, **facts) is None]
                         raise BackendError(f"{self.op} backend {backend!r} cannot run here: {reason}; "
                                            f"valid choices here: auto, {', '.join(usable)}")
                     return b

@@ -57,6 +57,7 @@ SHAPES = [  # batch, seq_q, seq_k, heads, kv_heads, dim
     (1, 129, 300, 4, 1, 64),     # seq_q < seq_k, GQA ratio 4
     (1, 300, 129, 2, 2, 64),     # seq_q > seq_k: causal rows that see no key
     (1, 200, 200, 8, 4, 40),     # GQA ratio 2, odd head dim
+    (1, 800, 1000, 2, 1, 32),    # long enough for the 256-row query tiles
 ]
 
 

@@ -31,9 +31,11 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace longtrain {
 namespace {
 
-// Query rows x key columns per score tile (64 KiB of float32, an L2-resident working set).
-constexpr int64_t kTileQ = 64;
-constexpr int64_t kTileK = 256;
+// Score tiles of (query rows x kTileK keys); the row count follows the sequence length, as in
+// torch's own CPU flash kernel (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp: 256 query rows
+// from 768 on, 512 keys): larger tiles make each sgemm call longer and the calls fewer.
+constexpr int64_t kMaxTileQ = 256;
+constexpr int64_t kTileK = 512;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Row-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, op(X) = X^T when the flag is set.
@@ -59,6 +61,7 @@ struct AttentionProblem {
   int64_t batch, seq_q, seq_k, heads, kv_heads, dim;
   bool causal;
   float scale;
+  int64_t tile_q;  // query rows per tile, <= kMaxTileQ
   int64_t q_stride() const { return heads * dim; }    // between rows of q, out, dout
   int64_t kv_stride() const { return kv_heads * dim; }  // between rows of k, v
   // Keys [0, end) that any query in [i0, i1) may see.
@@ -122,13 +125,13 @@ float softmax_row_update(float* __restrict s, int64_t visible, int64_t width, fl
 
 void forward_tile(const AttentionProblem& p, const float* q, const float* k, const float* v, float* out, float* lse,
                   int64_t b, int64_t h, int64_t i0, std::vector<float>& scores) {
-  const int64_t rows = std::min(kTileQ, p.seq_q - i0), d = p.dim, ldq = p.q_stride(), ldk = p.kv_stride();
+  const int64_t rows = std::min(p.tile_q, p.seq_q - i0), d = p.dim, ldq = p.q_stride(), ldk = p.kv_stride();
   const int64_t kvh = h / (p.heads / p.kv_heads);
   const float* q_tile = q + (b * p.seq_q + i0) * ldq + h * d;
   float* o_tile = out + (b * p.seq_q + i0) * ldq + h * d;
   const float* k_head = k + b * p.seq_k * ldk + kvh * d;
   const float* v_head = v + b * p.seq_k * ldk + kvh * d;
-  float row_max[kTileQ], row_sum[kTileQ];
+  float row_max[kMaxTileQ], row_sum[kMaxTileQ];
   for (int64_t r = 0; r < rows; ++r) {
     row_max[r] = kNegInf;
     row_sum[r] = 0.0f;
@@ -185,9 +188,9 @@ void backward_head(const AttentionProblem& p, const float* q, const float* k, co
   float* dk_head = g.dk + b * p.seq_k * ldq + h * d;
   float* dv_head = g.dv + b * p.seq_k * ldq + h * d;
   const float* lse = g.lse + (b * p.heads + h) * p.seq_q;
-  float delta[kTileQ];
-  for (int64_t i0 = 0; i0 < p.seq_q; i0 += kTileQ) {
-    const int64_t rows = std::min(kTileQ, p.seq_q - i0), offset = (b * p.seq_q + i0) * ldq + h * d;
+  float delta[kMaxTileQ];
+  for (int64_t i0 = 0; i0 < p.seq_q; i0 += p.tile_q) {
+    const int64_t rows = std::min(p.tile_q, p.seq_q - i0), offset = (b * p.seq_q + i0) * ldq + h * d;
     const float *q_tile = q + offset, *do_tile = g.dout + offset, *o_tile = g.out + offset;
     float* dq_tile = g.dq + offset;
     for (int64_t r = 0; r < rows; ++r) {
@@ -218,7 +221,8 @@ AttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at
               "attention: q must be (batch, seq_q, heads, dim), k and v (batch, seq_k, kv_heads, dim)");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "attention: q and k differ in batch or head dim");
   TORCH_CHECK(q.size(2) % k.size(2) == 0, "attention: heads must be a multiple of kv_heads");
-  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, static_cast<float>(scale)};
+  const int64_t tile_q = q.size(1) >= 768 ? 256 : 64;
+  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, static_cast<float>(scale), tile_q};
 }
 
 at::Tensor as_float(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
@@ -229,15 +233,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   at::Tensor q = as_float(q_in), k = as_float(k_in), v = as_float(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.seq_q}, q.options());
-  const int64_t tiles = (p.seq_q + kTileQ - 1) / kTileQ;
+  const int64_t tiles = (p.seq_q + p.tile_q - 1) / p.tile_q;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
   const int64_t heads = p.batch * p.heads, tasks = heads * tiles;
-  std::vector<std::vector<float>> scores(task_workers(tasks), std::vector<float>(kTileQ * kTileK));
+  std::vector<std::vector<float>> scores(task_workers(tasks), std::vector<float>(p.tile_q * kTileK));
   // Last query tiles first: under a causal mask they see the most keys.
   parallel_tasks(tasks, [&](int64_t task, int64_t worker) {
     const int64_t bh = task % heads, tile = tiles - 1 - task / heads;
-    forward_tile(p, qp, kp, vp, op, lp, bh / p.heads, bh % p.heads, tile * kTileQ, scores[worker]);
+    forward_tile(p, qp, kp, vp, op, lp, bh / p.heads, bh % p.heads, tile * p.tile_q, scores[worker]);
   });
   return {out.to(q_in.scalar_type()), lse};
 }
@@ -258,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                    dv.data_ptr<float>()};
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   parallel_tasks(p.batch * p.heads, [&](int64_t bh, int64_t) {
-    std::vector<float> probs(kTileQ * kTileK), dprobs(kTileQ * kTileK);
+    std::vector<float> probs(p.tile_q * kTileK), dprobs(p.tile_q * kTileK);
     backward_head(p, qp, kp, vp, g, bh / p.heads, bh % p.heads, probs, dprobs);
   });
   const int64_t group = p.heads / p.kv_heads;

@@ -61,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({p.batch, p.heads, p.seq_q}, f32), dq = at::empty_like(q);
   at::Tensor dk = at::empty({p.batch, p.seq_k, p.heads, p.head_dim}, f32), dv = at::empty_like(dk);
-  cuda::AttentionGradParams g{dout_c.data_ptr(), out_c.data_ptr(), dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr,
+  cuda::AttentionGradParams g{dout_c.data_ptr(), out_c.data_ptr(),
+                              dlse_c.defined() ? dlse_c.data_ptr<float>() : nullptr,
                               delta.data_ptr<float>(), dq.data_ptr(), dk.data_ptr<float>(), dv.data_ptr<float>()};
   const cudaError_t status = cuda::attention_backward(p, g, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "attention backward kernel: ", cudaGetErrorString(status));

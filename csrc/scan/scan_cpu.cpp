@@ -3,13 +3,14 @@
 //   h_t = exp(dt_t * A) * h_{t-1} + dt_t * u_t * B_t,   y_t = <C_t, h_t> + D * u_t,   out_t = y_t * silu(z_t)
 //   with dt_t = softplus(delta_t + delta_bias) when delta_softplus.
 //
-// Work is split over (batch, channel); each task runs the recurrence over the whole sequence with
-// the state in a small array that the compiler keeps in vector registers (the state dimension is
-// padded to a multiple of 16 lanes). The forward stores the state only at the start of every
-// `chunk` steps; the backward re-runs the forward inside one chunk at a time (states and decays
-// kept in an L1-sized buffer) and then walks that chunk in reverse, as the CUDA kernel of mamba-ssm
-// recomputes its states rather than storing them. Inputs of any float dtype are read as float32;
-// all accumulation is float32.
+// Work is split over (batch, channel) tasks (common/cpu_parallel.h); each runs the recurrence over
+// the whole sequence with the state in a small array that the compiler keeps in vector registers
+// (the state dimension is padded to a multiple of 16 lanes). The forward stores the state only at
+// the start of every `chunk` steps; the backward re-runs the forward inside one chunk at a time
+// (states and decays kept in an L1-sized buffer) and then walks that chunk in reverse, as the CUDA
+// kernel of mamba-ssm recomputes its states rather than storing them. Inputs of any float dtype
+// are read as float32; all accumulation is float32. exp, softplus and sigmoid are the polynomial
+// forms of common/cpu_math.h (no -ffast-math), within a few float32 ulp of libm.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -30,28 +31,20 @@ struct ScanProblem {
   bool softplus;
 };
 
-// One chunk of the recurrence for one channel; `h` holds the state in and out. Writes each step's
-// dt, state, decay and y_t = <C_t, h_t> (before the D skip and gate) into the chunk buffers.
-LT_VECTOR_CLONES
-void scan_chunk(const ScanProblem& p, int64_t b, int64_t d, int64_t t0, int64_t t1, float* __restrict h,
-                float* __restrict y, float* __restrict states, float* __restrict decays, float* __restrict dts) {
+// Steps [t0, t1) of the recurrence for one channel; `h` holds the state in and out. Writes each
+// step's y_t = <C_t, h_t> (before the D skip and gate), and with kKeep its state and decay.
+template <bool kKeep>
+LT_INLINE void scan_steps(const ScanProblem& p, int64_t b, int64_t d, int64_t t0, int64_t t1, float* __restrict h,
+                          float* __restrict y, float* __restrict states, float* __restrict decays,
+                          const float* __restrict dts) {
   const int64_t np = p.padded;
   const float* __restrict A = p.A + d * np;
   const float* __restrict u = p.u + (b * p.dim + d) * p.seq;
-  const float* __restrict delta = p.delta + (b * p.dim + d) * p.seq;
-  const float bias = p.delta_bias ? p.delta_bias[d] : 0.0f;
-  if (p.softplus) {
-    for (int64_t t = t0; t < t1; ++t) dts[t - t0] = softplus_approx(delta[t] + bias);
-  } else {
-    for (int64_t t = t0; t < t1; ++t) dts[t - t0] = delta[t] + bias;
-  }
   for (int64_t t = t0; t < t1; ++t) {
     const float dt = dts[t - t0];
     const float dtu = dt * u[t];
     const float* __restrict Bt = p.B + (b * p.seq + t) * np;
     const float* __restrict Ct = p.C + (b * p.seq + t) * np;
-    float* __restrict state_t = states + (t - t0) * np;
-    float* __restrict decay_t = decays + (t - t0) * np;
     float acc[kLanes] = {0};
     for (int64_t n0 = 0; n0 < np; n0 += kLanes) {
       for (int64_t i = 0; i < kLanes; ++i) {
@@ -59,34 +52,68 @@ void scan_chunk(const ScanProblem& p, int64_t b, int64_t d, int64_t t0, int64_t 
         const float hn = decay * h[n0 + i] + dtu * Bt[n0 + i];
         h[n0 + i] = hn;
         acc[i] += Ct[n0 + i] * hn;
-        state_t[n0 + i] = hn;
-        decay_t[n0 + i] = decay;
+        if (kKeep) {
+          states[(t - t0) * np + n0 + i] = hn;
+          decays[(t - t0) * np + n0 + i] = decay;
+        }
       }
     }
     y[t - t0] = lane_sum16(acc);
   }
 }
 
-void scan_forward_channel(const ScanProblem& p, int64_t b, int64_t d, float* out, float* last, float* checkpoints) {
+// One chunk of the recurrence for one channel: the step sizes dt into `dts`, then the steps; the
+// backward (keep = true) also keeps every state and decay of the chunk.
+LT_VECTOR_CLONES
+void scan_chunk(const ScanProblem& p, int64_t b, int64_t d, int64_t t0, int64_t t1, float* __restrict h,
+                float* __restrict y, float* __restrict states, float* __restrict decays, float* __restrict dts,
+                bool keep) {
+  const float* __restrict delta = p.delta + (b * p.dim + d) * p.seq;
+  const float bias = p.delta_bias ? p.delta_bias[d] : 0.0f;
+  if (p.softplus) {
+    for (int64_t t = t0; t < t1; ++t) dts[t - t0] = softplus_approx(delta[t] + bias);
+  } else {
+    for (int64_t t = t0; t < t1; ++t) dts[t - t0] = delta[t] + bias;
+  }
+  if (keep) {
+    scan_steps<true>(p, b, d, t0, t1, h, y, states, decays, dts);
+  } else {
+    scan_steps<false>(p, b, d, t0, t1, h, y, states, decays, dts);
+  }
+}
+
+// Per-worker scratch of one chunk: the recomputed states and decays (chunk x padded) and
+// per-step values (chunk each).
+struct ChunkBuffers {
+  std::vector<float> states, decays, dts, ys, dys, sum_gB, sum_gA;
+  explicit ChunkBuffers(const ScanProblem& p)
+      : states(p.chunk * p.padded), decays(p.chunk * p.padded), dts(p.chunk), ys(p.chunk), dys(p.chunk),
+        sum_gB(p.chunk), sum_gA(p.chunk) {}
+};
+
+// out = (y + D u) * silu(z), in place over one channel's row.
+LT_VECTOR_CLONES
+void skip_and_gate(float* __restrict y, const float* __restrict u, const float* __restrict z, float skip, int64_t n) {
+  if (z) {
+    for (int64_t t = 0; t < n; ++t) y[t] = (y[t] + skip * u[t]) * z[t] * sigmoid_approx(z[t]);
+  } else {
+    for (int64_t t = 0; t < n; ++t) y[t] += skip * u[t];
+  }
+}
+
+void scan_forward_channel(const ScanProblem& p, int64_t b, int64_t d, float* out, float* last, float* checkpoints,
+                          ChunkBuffers& buf) {
   const int64_t np = p.padded, bd = b * p.dim + d;
   std::vector<float> h(np, 0.0f);
   if (p.initial) std::copy(p.initial + bd * p.state, p.initial + (bd + 1) * p.state, h.begin());
   float* y = out + bd * p.seq;
-  std::vector<float> states(p.chunk * np), decays(p.chunk * np), dts(p.chunk);
   for (int64_t c = 0; c < p.n_chunks; ++c) {
     std::copy(h.begin(), h.begin() + p.state, checkpoints + (bd * p.n_chunks + c) * p.state);
-    scan_chunk(p, b, d, c * p.chunk, std::min(p.seq, (c + 1) * p.chunk), h.data(), y + c * p.chunk, states.data(),
-               decays.data(), dts.data());
+    scan_chunk(p, b, d, c * p.chunk, std::min(p.seq, (c + 1) * p.chunk), h.data(), y + c * p.chunk,
+               buf.states.data(), buf.decays.data(), buf.dts.data(), false);
   }
   std::copy(h.begin(), h.begin() + p.state, last + bd * p.state);
-  const float* u = p.u + bd * p.seq;
-  const float* z = p.z ? p.z + bd * p.seq : nullptr;
-  const float skip = p.D ? p.D[d] : 0.0f;
-  for (int64_t t = 0; t < p.seq; ++t) {
-    float v = y[t] + skip * u[t];
-    if (z) v *= z[t] * sigmoid_approx(z[t]);
-    y[t] = v;
-  }
+  skip_and_gate(y, p.u + bd * p.seq, p.z ? p.z + bd * p.seq : nullptr, p.D ? p.D[d] : 0.0f, p.seq);
 }
 
 struct ScanGrads {
@@ -96,40 +123,46 @@ struct ScanGrads {
   float *dB, *dC;    // per worker: (workers, batch, seq, padded), summed afterwards
 };
 
-// Reverse pass over one chunk, given its recomputed states and decays; `g` is dL/dh_t carried back.
+// Reverse pass over one chunk, given its recomputed states, decays and y; `g` is dL/dh_t carried
+// back. The per-step scalar work (gate, skip, softplus derivative) runs in separate loops over
+// the chunk so that it vectorizes too; only the recurrence itself goes step by step.
 LT_VECTOR_CLONES
-void reverse_chunk(const ScanProblem& p, const ScanGrads& g_out, int64_t b, int64_t d, int64_t t0, int64_t t1,
-                   const float* __restrict states, const float* __restrict decays, const float* __restrict dts,
-                   const float* __restrict ys, const float* __restrict h_start, float* __restrict g,
-                   float* __restrict dA, float* dD,
+void reverse_chunk(const ScanProblem& p, const ScanGrads& grads, int64_t b, int64_t d, int64_t t0, int64_t t1,
+                   ChunkBuffers& buf, const float* __restrict h_start, float* __restrict g, float* __restrict dA,
                    float* __restrict dB, float* __restrict dC) {
-  const int64_t np = p.padded, bd = b * p.dim + d;
+  const int64_t np = p.padded, bd = b * p.dim + d, len = t1 - t0;
   const float* __restrict A = p.A + d * np;
-  const float* u = p.u + bd * p.seq;
-  const float* delta = p.delta + bd * p.seq;
-  const float* z = p.z ? p.z + bd * p.seq : nullptr;
-  const float* dout = g_out.dout + bd * p.seq;
+  const float* __restrict u = p.u + bd * p.seq + t0;
+  const float* __restrict dout = grads.dout + bd * p.seq + t0;
+  const float* __restrict ys = buf.ys.data();
+  const float* __restrict dts = buf.dts.data();
+  float* __restrict dys = buf.dys.data();
+  float* __restrict sum_gB = buf.sum_gB.data();
+  float* __restrict sum_gA = buf.sum_gA.data();
   const float skip = p.D ? p.D[d] : 0.0f;
-  float dD_sum = 0.0f;  // kept local: neighbouring channels' dD share a cache line across workers
-  for (int64_t t = t1 - 1; t >= t0; --t) {
-    const int64_t s = t - t0;
-    const float* __restrict h = states + s * np;
-    const float* __restrict h_prev = s > 0 ? states + (s - 1) * np : h_start;
-    const float* __restrict decay = decays + s * np;
-    const float* __restrict Bt = p.B + (b * p.seq + t) * np;
-    const float* __restrict Ct = p.C + (b * p.seq + t) * np;
-    float* __restrict dBt = dB + t * np;
-    float* __restrict dCt = dC + t * np;
-    const float dt = dts[s], ut = u[t];
-    float dy = dout[t];
-    if (z) {
-      const float y = ys[s] + skip * ut;
-      const float sz = sigmoid_approx(z[t]);
-      g_out.dz[bd * p.seq + t] = dy * y * sz * (1.0f + z[t] * (1.0f - sz));
-      dy *= z[t] * sz;
+  if (p.z) {
+    const float* __restrict z = p.z + bd * p.seq + t0;
+    float* __restrict dz = grads.dz + bd * p.seq + t0;
+    for (int64_t s = 0; s < len; ++s) {
+      const float sz = sigmoid_approx(z[s]), y = ys[s] + skip * u[s];
+      dz[s] = dout[s] * y * sz * (1.0f + z[s] * (1.0f - sz));
+      dys[s] = dout[s] * z[s] * sz;
     }
-    dD_sum += dy * ut;
-    const float dtu = dt * ut;
+  } else {
+    for (int64_t s = 0; s < len; ++s) dys[s] = dout[s];
+  }
+  float dD_sum = 0.0f;  // kept local: neighbouring channels' dD share a cache line across workers
+  for (int64_t s = 0; s < len; ++s) dD_sum += dys[s] * u[s];
+  grads.dD[bd] += dD_sum;
+  for (int64_t s = len - 1; s >= 0; --s) {
+    const float* __restrict h = buf.states.data() + s * np;
+    const float* __restrict h_prev = s > 0 ? h - np : h_start;
+    const float* __restrict decay = buf.decays.data() + s * np;
+    const float* __restrict Bt = p.B + (b * p.seq + t0 + s) * np;
+    const float* __restrict Ct = p.C + (b * p.seq + t0 + s) * np;
+    float* __restrict dBt = dB + (t0 + s) * np;
+    float* __restrict dCt = dC + (t0 + s) * np;
+    const float dt = dts[s], dy = dys[s], dtu = dt * u[s];
     float gB[kLanes] = {0}, gA[kLanes] = {0};
     for (int64_t n0 = 0; n0 < np; n0 += kLanes) {
       for (int64_t i = 0; i < kLanes; ++i) {
@@ -144,22 +177,27 @@ void reverse_chunk(const ScanProblem& p, const ScanGrads& g_out, int64_t b, int6
         g[n] = gn * decay[n];
       }
     }
-    const float sum_gB = lane_sum16(gB), sum_gA = lane_sum16(gA);
-    g_out.du[bd * p.seq + t] = dy * skip + dt * sum_gB;
-    float ddt = ut * sum_gB + sum_gA;
-    if (p.softplus) ddt *= sigmoid_approx(delta[t] + (p.delta_bias ? p.delta_bias[d] : 0.0f));
-    g_out.ddelta[bd * p.seq + t] = ddt;
+    sum_gB[s] = lane_sum16(gB);
+    sum_gA[s] = lane_sum16(gA);
   }
-  *dD += dD_sum;
+  float* __restrict du = grads.du + bd * p.seq + t0;
+  float* __restrict ddelta = grads.ddelta + bd * p.seq + t0;
+  for (int64_t s = 0; s < len; ++s) {
+    du[s] = dys[s] * skip + dts[s] * sum_gB[s];
+    ddelta[s] = u[s] * sum_gB[s] + sum_gA[s];
+  }
+  if (p.softplus) {
+    const float* __restrict delta = p.delta + bd * p.seq + t0;
+    const float bias = p.delta_bias ? p.delta_bias[d] : 0.0f;
+    for (int64_t s = 0; s < len; ++s) ddelta[s] *= sigmoid_approx(delta[s] + bias);
+  }
 }
 
 void scan_backward_channel(const ScanProblem& p, const ScanGrads& gr, int64_t b, int64_t d, int64_t worker,
-                           std::vector<float>& states, std::vector<float>& decays, std::vector<float>& dts,
-                           std::vector<float>& ys) {
+                           ChunkBuffers& buf) {
   const int64_t np = p.padded, bd = b * p.dim + d;
   std::vector<float> g(np, 0.0f), h(np, 0.0f), h_start(np, 0.0f);
   if (gr.dlast) std::copy(gr.dlast + bd * p.state, gr.dlast + (bd + 1) * p.state, g.begin());
-  float* dA = gr.dA + bd * np;
   float* dB = gr.dB + (worker * p.batch + b) * p.seq * np;
   float* dC = gr.dC + (worker * p.batch + b) * p.seq * np;
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
@@ -167,9 +205,8 @@ void scan_backward_channel(const ScanProblem& p, const ScanGrads& gr, int64_t b,
     const float* start = gr.checkpoints + (bd * p.n_chunks + c) * p.state;
     std::copy(start, start + p.state, h_start.begin());
     std::copy(h_start.begin(), h_start.end(), h.begin());
-    scan_chunk(p, b, d, t0, t1, h.data(), ys.data(), states.data(), decays.data(), dts.data());
-    reverse_chunk(p, gr, b, d, t0, t1, states.data(), decays.data(), dts.data(), ys.data(), h_start.data(), g.data(),
-                  dA, gr.dD + bd, dB, dC);
+    scan_chunk(p, b, d, t0, t1, h.data(), buf.ys.data(), buf.states.data(), buf.decays.data(), buf.dts.data(), true);
+    reverse_chunk(p, gr, b, d, t0, t1, buf, h_start.data(), g.data(), gr.dA + bd * np, dB, dC);
   }
   std::copy(g.begin(), g.begin() + p.state, gr.dinitial + bd * p.state);
 }
@@ -228,8 +265,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
   at::Tensor last = at::empty({p.batch, p.dim, p.state}, opts);
   at::Tensor checkpoints = at::empty({p.batch, p.dim, p.n_chunks, p.state}, opts);
   float *out_ptr = out.data_ptr<float>(), *last_ptr = last.data_ptr<float>(), *cp = checkpoints.data_ptr<float>();
-  parallel_tasks(p.batch * p.dim, [&](int64_t i, int64_t) {
-    scan_forward_channel(p, i / p.dim, i % p.dim, out_ptr, last_ptr, cp);
+  std::vector<ChunkBuffers> buffers(task_workers(p.batch * p.dim), ChunkBuffers(p));
+  parallel_tasks(p.batch * p.dim, [&](int64_t i, int64_t worker) {
+    scan_forward_channel(p, i / p.dim, i % p.dim, out_ptr, last_ptr, cp, buffers[worker]);
   });
   return {out.to(u.scalar_type()), last, checkpoints};
 }
@@ -258,9 +296,9 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
   ScanGrads gr{dout_f.data_ptr<float>(), opt_ptr(dlast), cps.data_ptr<float>(), du.data_ptr<float>(),
                ddelta.data_ptr<float>(), p.z ? dz.data_ptr<float>() : nullptr, dinitial.data_ptr<float>(),
                dA.data_ptr<float>(), dD.data_ptr<float>(), dB.data_ptr<float>(), dC.data_ptr<float>()};
+  std::vector<ChunkBuffers> buffers(workers, ChunkBuffers(p));
   parallel_tasks(p.batch * p.dim, [&](int64_t task, int64_t worker) {
-    std::vector<float> states(p.chunk * p.padded), decays(p.chunk * p.padded), dts(p.chunk), ys(p.chunk);
-    scan_backward_channel(p, gr, task / p.dim, task % p.dim, worker, states, decays, dts, ys);
+    scan_backward_channel(p, gr, task / p.dim, task % p.dim, worker, buffers[worker]);
   });
   auto unpad = [&](const at::Tensor& x) { return x.sum(0).narrow(2, 0, p.state).transpose(1, 2).contiguous(); };
   at::Tensor ddelta_bias = p.delta_bias ? ddelta.sum({0, 2}) : at::empty({0}, opts);
