@@ -58,11 +58,13 @@ LT_INLINE float log1p_unit(float w) {
 // log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), branch-free.
 LT_INLINE float softplus_approx(float x) { return std::max(x, 0.0f) + log1p_unit(exp_approx(-std::fabs(x))); }
 
-// Sum of 16 lanes by halving, which vectorizes (a running sum would be a chain of 16 adds).
-LT_INLINE float lane_sum16(float* lanes) {
-  for (int width = 8; width >= 1; width /= 2)
-    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  return lanes[0];
+// Sum of 16 lanes by halving, written out level by level so that it compiles to a few in-register
+// vector adds (a loop over the levels went through the stack, and a running sum is 16 adds).
+LT_INLINE float lane_sum16(const float* lanes) {
+  float half[8], quarter[4];
+  for (int i = 0; i < 8; ++i) half[i] = lanes[i] + lanes[i + 8];
+  for (int i = 0; i < 4; ++i) quarter[i] = half[i] + half[i + 4];
+  return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
 }
 
 LT_INLINE float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
