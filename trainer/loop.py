@@ -260,11 +260,14 @@ def train(recipe: Recipe, resume: str | None = None,
         (run_dir / "sample.txt").write_text(text + "\n")
         log.print("sample (greedy): " + text)
     elif rank == 0 and recipe.train.sample_tokens:
-        prompt = shards.tokenizer.encode("def ")
-        new = generate(model, prompt, recipe.train.sample_tokens, max_context=recipe.data.seq_len)
-        text = shards.tokenizer.decode(prompt + new)
-        (run_dir / "sample.txt").write_text(text)
-        log.print("sample (greedy):\n" + text)
+        # Prompt: the start of a held-out sequence; nucleus sampling with its own seeded generator, so the
+        # sample is reproducible and the global RNG (part of the checkpointed state) is untouched.
+        prompt = [int(t) for t in eval_set.get(0)[: min(32, recipe.data.seq_len // 2)]]
+        new = generate(model, prompt, recipe.train.sample_tokens, temperature=0.8, top_p=0.9,
+                       generator=torch.Generator().manual_seed(recipe.run.seed), max_context=recipe.data.seq_len)
+        prompt_text, text = shards.tokenizer.decode(prompt), shards.tokenizer.decode(new)
+        (run_dir / "sample.txt").write_text(prompt_text + text)
+        log.print(f"sample (top-p 0.9, prompt from the held-out split):\n{prompt_text}[...]{text}")
     log.write(final)
     log.print(f"done: final loss {loss_value:.4f}, eval loss {final['final_eval_loss']:.4f} -> {run_dir}")
     log.close()
