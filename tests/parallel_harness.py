@@ -35,6 +35,7 @@ def _worker(rank, fn, world, port, out_dir, args, timeout_s, deepspeed):
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"{rank}.pt")
+        dist.barrier()  # leave together: a rank tearing gloo down under a peer's pending op aborts the peer
     finally:
         dist.destroy_process_group()
 

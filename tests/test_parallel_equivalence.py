@@ -3,7 +3,7 @@
 Each layout trains an A/M/O/F decoder for 5 optimizer steps on gloo processes, from the same seed,
 data and recipe as a plain one-process PyTorch run (AdamW, warmup + cosine, clipping at 1.0, every
 micro-batch of the global batch in one loss). Losses must agree to 1e-5 relative and so must the
-parameters after the last step (float32).
+parameters after the last step (float32; relative L2 error per tensor, see `_compare`).
 """
 import pytest
 import torch
@@ -17,7 +17,7 @@ SEQ = 16
 MICRO = 2  # sequences per micro-batch per dp rank
 ACCUM = 2  # micro-batches per step (train.grad_accum; with pp > 1 also parallel.micro_batches)
 TOL = 1e-5
-PARAM_TOL = 3e-5
+PARAM_TOL = 1e-5
 
 
 def _model():
@@ -63,8 +63,14 @@ def _reference(dp, pp, chunks=1):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _relative(a, b) -> float:
+    """||a - b|| / ||b||: a rounding difference in a few near-zero-gradient elements (which Adam turns into
+    full-size steps) stays small; a fault that moves every element, as a wrong clipping norm does, does not."""
+    return ((a - b).norm() / b.norm()).item()
+
+
 def _parameter_error(params, reference_params) -> float:
-    return max((params[n] - p).abs().max().item() / p.abs().max().item() for n, p in reference_params.items())
+    return max(_relative(params[n], p) for n, p in reference_params.items())
 
 
 def _parallel(rank, world, tp, pp, cp, zero):
@@ -91,10 +97,10 @@ def _parallel(rank, world, tp, pp, cp, zero):
 
 
 def _compare(layout, reference):
-    """Losses to TOL. Parameters to PARAM_TOL or four times what merely reordering the one-process sums
-    moves them, whichever is larger: Adam divides by sqrt(v), so a float32 rounding difference in a
-    near-zero gradient becomes a visible step (seen: reordering alone 5e-6 to 7e-6, ZeRO-3 and tp x cp
-    up to 1.8e-5; a real fault, such as a gradient norm missing a pipeline stage, gives 2e-4)."""
+    """Losses to TOL. Parameters (relative L2 error per tensor) to PARAM_TOL or four times what merely
+    reordering the one-process sums moves them, whichever is larger: Adam divides by sqrt(v), so a float32
+    rounding difference in a near-zero gradient becomes a visible step. Seen: reordering 7e-7, the 16-rank
+    layout 3.2e-6; DeepSpeed's ZeRO-0 pipeline clipping left in place (see parallelize.py) 1.2e-3."""
     tp, pp, cp, dp, zero = layout
     ref_losses, ref_params, reorder_error = reference
     param_tol = max(PARAM_TOL, 4 * reorder_error)
@@ -108,15 +114,17 @@ def _compare(layout, reference):
             if dim is not None:
                 size = tensor.shape[dim]
                 want = want.narrow(dim, tp_rank * size, size)
-            error = (tensor - want).abs().max().item() / want.abs().max().item()
+            error = _relative(tensor, want)
             assert error <= param_tol, (layout, name, error, param_tol)
             seen.add(name)
     assert seen == set(ref_params), set(ref_params) - seen
 
 
-# (tp, pp, cp, dp, zero_stage); 2-process layouts run by default, 4-process ones are marked slow.
+# (tp, pp, cp, dp, zero_stage); 2-process layouts run by default, 2-process ZeRO 2/3 and 4 to 16 process
+# layouts are marked slow (ZeRO 2 and 3 do not combine with pp > 1: DeepSpeed's pipeline takes 0 or 1).
 DEFAULT = [(1, 1, 1, 2, 1), (2, 1, 1, 1, 0), (1, 2, 1, 1, 0), (1, 1, 2, 1, 0)]
-SLOW = [(1, 1, 1, 2, 2), (1, 1, 1, 2, 3), (2, 2, 1, 1, 1), (1, 2, 2, 1, 1), (2, 1, 2, 1, 1), (2, 1, 1, 2, 3)]
+SLOW = [(1, 1, 1, 2, 2), (1, 1, 1, 2, 3), (2, 2, 1, 1, 1), (1, 2, 2, 1, 1), (2, 1, 2, 1, 1), (2, 1, 1, 2, 3),
+        (2, 2, 2, 1, 1), (2, 2, 2, 2, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +135,7 @@ def references():
 def _reference_for(references, dp, pp):
     if (dp, pp) not in references:
         losses, params = _reference(dp, pp)
-        _, reordered = _reference(dp, pp, chunks=dp * ACCUM)
+        _, reordered = _reference(dp, pp, chunks=dp * ACCUM * MICRO)  # one sequence at a time
         references[(dp, pp)] = losses, params, _parameter_error(reordered, params)
     return references[(dp, pp)]
 
