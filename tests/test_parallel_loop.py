@@ -53,3 +53,23 @@ def test_loop_under_model_parallelism_equals_one_process(parallel, one_process, 
     for got, want in zip(losses + eval_losses, one_process[0] + one_process[1]):
         assert abs(got - want) <= 1e-5 * abs(want), (parallel, losses, one_process)
     assert (tmp_path / "sample.txt").exists()
+
+
+def _train_resumed(rank, world, run_dir, parallel, steps, resume):
+    from longtrain.trainer.loop import train
+
+    recipe = _recipe(run_dir, **parallel)
+    # warmup past the last step: the learning rate then does not depend on train.steps, which differs here
+    train_cfg = recipe.train.model_copy(update={"steps": steps, "warmup_steps": 2 * STEPS})
+    recipe = recipe.model_copy(update={"train": train_cfg,
+                                       "checkpoint": recipe.checkpoint.model_copy(update={"interval": 2})})
+    return train(recipe, resume=resume)
+
+
+@pytest.mark.slow
+def test_resume_under_tensor_parallelism_is_bitwise(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_ranks(_train_resumed, 2, args=(straight, {"tp": 2}, STEPS, None), deepspeed=True)
+    run_ranks(_train_resumed, 2, args=(stopped, {"tp": 2}, STEPS // 2, None), deepspeed=True)
+    run_ranks(_train_resumed, 2, args=(stopped, {"tp": 2}, STEPS, "auto"), deepspeed=True)
+    assert _losses(stopped)[0][-STEPS // 2:] == _losses(straight)[0][-STEPS // 2:]
