@@ -58,13 +58,60 @@ LT_INLINE float log1p_unit(float w) {
 // log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), branch-free.
 LT_INLINE float softplus_approx(float x) { return std::max(x, 0.0f) + log1p_unit(exp_approx(-std::fabs(x))); }
 
-// Sum of 16 lanes by halving, written out level by level so that it compiles to a few in-register
-// vector adds (a loop over the levels went through the stack, and a running sum is 16 adds).
+// Sum of 16 lanes by halving, written out level by level (a loop over the levels went through
+// the stack). One reduction per step is still costly; row_sums16 below batches 16 of them.
 LT_INLINE float lane_sum16(const float* lanes) {
   float half[8], quarter[4];
   for (int i = 0; i < 8; ++i) half[i] = lanes[i] + lanes[i + 8];
   for (int i = 0; i < 4; ++i) quarter[i] = half[i] + half[i + 4];
   return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
+}
+
+// GCC vector extensions: lowered to AVX-512, AVX2 or SSE2 by whichever clone inlines them.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // always inlined, so no vec16 crosses a call boundary
+typedef float vec16 __attribute__((vector_size(64)));
+typedef int32_t index16 __attribute__((vector_size(64)));
+
+LT_INLINE vec16 load16(const float* p) {
+  vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Sums of 16 rows of 16 floats (row r at rows + 16 r) into sums[0..16): each level adds the two
+// halves of two vectors at once, so the 16 reductions take 15 vector adds and 31 shuffles in all
+// instead of a tree per row. After the four levels lane l holds row bitreverse4(l).
+LT_INLINE void row_sums16(const float* rows, float* sums) {
+  const index16 lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const index16 hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const index16 lo2 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+  const index16 hi2 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+  const index16 lo3 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const index16 hi3 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+  const index16 lo4 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+  const index16 hi4 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+  const index16 bit_reverse = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  vec16 a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j) {
+    const vec16 x = load16(rows + 32 * j), y = load16(rows + 32 * j + 16);
+    a[j] = __builtin_shuffle(x, y, lo1) + __builtin_shuffle(x, y, hi1);
+  }
+  for (int j = 0; j < 4; ++j)
+    b[j] = __builtin_shuffle(a[2 * j], a[2 * j + 1], lo2) + __builtin_shuffle(a[2 * j], a[2 * j + 1], hi2);
+  for (int j = 0; j < 2; ++j)
+    c[j] = __builtin_shuffle(b[2 * j], b[2 * j + 1], lo3) + __builtin_shuffle(b[2 * j], b[2 * j + 1], hi3);
+  const vec16 d = __builtin_shuffle(c[0], c[1], lo4) + __builtin_shuffle(c[0], c[1], hi4);
+  const vec16 ordered = __builtin_shuffle(d, bit_reverse);
+  std::memcpy(sums, &ordered, sizeof(ordered));
+}
+#pragma GCC diagnostic pop
+
+// sums[r] = sum of lanes[16 r .. 16 r + 16) for r < rows.
+LT_INLINE void row_sums(const float* lanes, int64_t rows, float* sums) {
+  int64_t r = 0;
+  for (; r + 16 <= rows; r += 16) row_sums16(lanes + 16 * r, sums + r);
+  for (; r < rows; ++r) sums[r] = lane_sum16(lanes + 16 * r);
 }
 
 LT_INLINE float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../common/cpu_math.h"
@@ -36,7 +37,7 @@ struct ScanProblem {
 template <bool kKeep>
 LT_INLINE void scan_steps(const ScanProblem& p, int64_t b, int64_t d, int64_t t0, int64_t t1, float* __restrict h,
                           float* __restrict y, float* __restrict states, float* __restrict decays,
-                          const float* __restrict dts) {
+                          const float* __restrict dts, float* __restrict lanes) {
   const int64_t np = p.padded;
   const float* __restrict A = p.A + d * np;
   const float* __restrict u = p.u + (b * p.dim + d) * p.seq;
@@ -58,8 +59,9 @@ LT_INLINE void scan_steps(const ScanProblem& p, int64_t b, int64_t d, int64_t t0
         }
       }
     }
-    y[t - t0] = lane_sum16(acc);
+    std::memcpy(lanes + (t - t0) * kLanes, acc, sizeof(acc));
   }
+  row_sums(lanes, t1 - t0, y);  // y_t for the whole chunk, 16 steps per batch of reductions
 }
 
 // One chunk of the recurrence for one channel: the step sizes dt into `dts`, then the steps; the
@@ -67,7 +69,7 @@ LT_INLINE void scan_steps(const ScanProblem& p, int64_t b, int64_t d, int64_t t0
 LT_VECTOR_CLONES
 void scan_chunk(const ScanProblem& p, int64_t b, int64_t d, int64_t t0, int64_t t1, float* __restrict h,
                 float* __restrict y, float* __restrict states, float* __restrict decays, float* __restrict dts,
-                bool keep) {
+                float* __restrict lanes, bool keep) {
   const float* __restrict delta = p.delta + (b * p.dim + d) * p.seq;
   const float bias = p.delta_bias ? p.delta_bias[d] : 0.0f;
   if (p.softplus) {
@@ -76,19 +78,19 @@ void scan_chunk(const ScanProblem& p, int64_t b, int64_t d, int64_t t0, int64_t 
     for (int64_t t = t0; t < t1; ++t) dts[t - t0] = delta[t] + bias;
   }
   if (keep) {
-    scan_steps<true>(p, b, d, t0, t1, h, y, states, decays, dts);
+    scan_steps<true>(p, b, d, t0, t1, h, y, states, decays, dts, lanes);
   } else {
-    scan_steps<false>(p, b, d, t0, t1, h, y, states, decays, dts);
+    scan_steps<false>(p, b, d, t0, t1, h, y, states, decays, dts, lanes);
   }
 }
 
 // Per-worker scratch of one chunk: the recomputed states and decays (chunk x padded) and
-// per-step values (chunk each).
+// per-step values (chunk each), and 16-lane partial sums per step awaiting their reduction.
 struct ChunkBuffers {
-  std::vector<float> states, decays, dts, ys, dys, sum_gB, sum_gA;
+  std::vector<float> states, decays, dts, ys, dys, sum_gB, sum_gA, lanes_B, lanes_A;
   explicit ChunkBuffers(const ScanProblem& p)
       : states(p.chunk * p.padded), decays(p.chunk * p.padded), dts(p.chunk), ys(p.chunk), dys(p.chunk),
-        sum_gB(p.chunk), sum_gA(p.chunk) {}
+        sum_gB(p.chunk), sum_gA(p.chunk), lanes_B(p.chunk * kLanes), lanes_A(p.chunk * kLanes) {}
 };
 
 // out = (y + D u) * silu(z), in place over one channel's row.
@@ -110,7 +112,7 @@ void scan_forward_channel(const ScanProblem& p, int64_t b, int64_t d, float* out
   for (int64_t c = 0; c < p.n_chunks; ++c) {
     std::copy(h.begin(), h.begin() + p.state, checkpoints + (bd * p.n_chunks + c) * p.state);
     scan_chunk(p, b, d, c * p.chunk, std::min(p.seq, (c + 1) * p.chunk), h.data(), y + c * p.chunk,
-               buf.states.data(), buf.decays.data(), buf.dts.data(), false);
+               buf.states.data(), buf.decays.data(), buf.dts.data(), buf.lanes_B.data(), false);
   }
   std::copy(h.begin(), h.begin() + p.state, last + bd * p.state);
   skip_and_gate(y, p.u + bd * p.seq, p.z ? p.z + bd * p.seq : nullptr, p.D ? p.D[d] : 0.0f, p.seq);
@@ -139,6 +141,8 @@ void reverse_chunk(const ScanProblem& p, const ScanGrads& grads, int64_t b, int6
   float* __restrict dys = buf.dys.data();
   float* __restrict sum_gB = buf.sum_gB.data();
   float* __restrict sum_gA = buf.sum_gA.data();
+  float* __restrict lanes_B = buf.lanes_B.data();
+  float* __restrict lanes_A = buf.lanes_A.data();
   const float skip = p.D ? p.D[d] : 0.0f;
   if (p.z) {
     const float* __restrict z = p.z + bd * p.seq + t0;
@@ -177,9 +181,11 @@ void reverse_chunk(const ScanProblem& p, const ScanGrads& grads, int64_t b, int6
         g[n] = gn * decay[n];
       }
     }
-    sum_gB[s] = lane_sum16(gB);
-    sum_gA[s] = lane_sum16(gA);
+    std::memcpy(lanes_B + s * kLanes, gB, sizeof(gB));
+    std::memcpy(lanes_A + s * kLanes, gA, sizeof(gA));
   }
+  row_sums(lanes_B, len, sum_gB);
+  row_sums(lanes_A, len, sum_gA);
   float* __restrict du = grads.du + bd * p.seq + t0;
   float* __restrict ddelta = grads.ddelta + bd * p.seq + t0;
   for (int64_t s = 0; s < len; ++s) {
@@ -205,7 +211,8 @@ void scan_backward_channel(const ScanProblem& p, const ScanGrads& gr, int64_t b,
     const float* start = gr.checkpoints + (bd * p.n_chunks + c) * p.state;
     std::copy(start, start + p.state, h_start.begin());
     std::copy(h_start.begin(), h_start.end(), h.begin());
-    scan_chunk(p, b, d, t0, t1, h.data(), buf.ys.data(), buf.states.data(), buf.decays.data(), buf.dts.data(), true);
+    scan_chunk(p, b, d, t0, t1, h.data(), buf.ys.data(), buf.states.data(), buf.decays.data(), buf.dts.data(),
+               buf.lanes_B.data(), true);
     reverse_chunk(p, gr, b, d, t0, t1, buf, h_start.data(), g.data(), gr.dA + bd * np, dB, dC);
   }
   std::copy(g.begin(), g.begin() + p.state, gr.dinitial + bd * p.state);
