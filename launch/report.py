@@ -41,6 +41,8 @@ def plot_report(run_dir: Path, out: Path | None = None) -> Path:
     if not any("loss" in r for r in records):
         raise LongtrainError(f"{run_dir / 'metrics.jsonl'} holds no training records yet")
     out = out or run_dir / "plots" / "report.png"
+    if out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")  # savefig would add it anyway; report the real path
     out.parent.mkdir(parents=True, exist_ok=True)
     has_accuracy = any("eval_accuracy" in r for r in records)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)

@@ -225,6 +225,7 @@ def train(recipe: Recipe, resume: str | None = None,
             eta = (time.perf_counter() - run_start) / (step - start_step) * (recipe.train.steps - step)
             log.print(progress_line(step, recipe.train.steps, loss_value, record["lr"], tokens_per_s, mfu, memory, eta))
             window_start, window_tokens = time.perf_counter(), 0
+        pause = time.perf_counter()  # eval and checkpoint time is left out of the next tokens/s window
         if step % recipe.train.eval_interval == 0 or step == recipe.train.steps:
             eval_loss = evaluate(engine, eval_set, recipe.train, device, run)
             log.write({"step": step, "eval_loss": eval_loss})
@@ -241,6 +242,7 @@ def train(recipe: Recipe, resume: str | None = None,
         if step % recipe.checkpoint.interval == 0 or step == recipe.train.steps:
             saved = save_checkpoint(step)
             last_saved = step
+        window_start += time.perf_counter() - pause
         if on_step is not None:
             on_step(step, reported, saved)
         if stop.agreed(world):
