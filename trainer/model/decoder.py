@@ -77,10 +77,6 @@ class Decoder(nn.Module):
     def forward(self, tokens):
         return self.logits(self.hidden(tokens))
 
-    def ode_stats(self) -> dict:
-        """Function evaluations of each O block in the last forward pass."""
-        return {f"nfe/{i}": b.mixer.last_nfe for i, b in enumerate(self.blocks) if b.letter == "O"}
-
 
 def lm_loss(logits, targets):
     """Mean next-token cross-entropy. logits: (batch, seq, vocab); targets: (batch, seq)."""
