@@ -45,10 +45,10 @@ def _reference(dp, pp, chunks=1):
     """The one-process run: the whole global batch in one mean loss per step (or, with chunks > 1, its
     gradient accumulated over that many pieces: the same sum taken in another order)."""
     from longtrain.trainer.model.decoder import lm_loss
-    from longtrain.trainer.parallel.parallelize import _optimizer
+    from longtrain.trainer.engine import build_optimizer
 
     model, train = _dense_model(), _train(pp)
-    optimizer, scheduler = _optimizer(model, train)
+    optimizer, scheduler = build_optimizer(model, train, zero_stage=0)
     inputs, targets = _data(dp)
     losses = []
     for step in range(STEPS):

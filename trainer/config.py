@@ -104,6 +104,8 @@ class TrainConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
+    max_nonfinite_steps: int = Field(5, ge=1, description="skipped steps (NaN or Inf gradients) in a row that stop "
+                                     "the run, after a checkpoint at that step")
     bf16: bool = False
     activation_checkpointing: bool = False
     eval_interval: int = Field(50, gt=0)
@@ -135,6 +137,8 @@ class ParallelConfig(Section):
     dp: int | None = Field(None, gt=0, description="data-parallel size; inferred from the world size when None")
     zero_stage: int = Field(0, ge=0, le=3)
     micro_batches: int = Field(1, gt=0, description="pipeline micro-batches per step (pp > 1)")
+    collective_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer for a peer rank "
+                                        "fails, naming the rank and the op (trainer/faults.py)")
 
 
 class LaunchConfig(Section):

@@ -3,6 +3,8 @@
 Users never write DeepSpeed keys: `deepspeed_config` generates them (DeepSpeed ignores misspelled
 keys silently). The optimizer is torch's AdamW and the schedule linear warmup + cosine decay,
 both handed to the engine, which owns gradient accumulation, clipping and ZeRO partitioning.
+A step whose gradients hold a NaN or Inf on any rank is skipped: parameters, moments and the
+schedule stay where they were, and `engine.was_step_applied()` is False on every rank.
 """
 from __future__ import annotations
 
@@ -82,16 +84,52 @@ def lr_lambda(train):
     return factor
 
 
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that leaves parameters and moments untouched (no update, no step count) when the
+    gradients of any rank hold a NaN or Inf. For ZeRO stage 0, where DeepSpeed steps this optimizer itself.
+
+    It sets `overflow`, which DeepSpeed's engine reads after each optimizer step (runtime/engine.py,
+    `_take_model_step`): True skips the LR scheduler step and makes `engine.was_step_applied()` False.
+    The flag is the minimum over every rank, so pipeline stages and tp shards whose own gradients were
+    finite skip with the rank whose were not; the engine calls step() once per optimizer step on every
+    rank, so the all-reduce is matched.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = (torch.stack([g.isfinite().all() for g in grads]).all().float() if grads
+                  else torch.ones((), device=params[0].device))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        self.overflow = not bool(finite)
+        return None if self.overflow else super().step(closure)
+
+
+def build_optimizer(module: torch.nn.Module, train, zero_stage: int):
+    """(optimizer, scheduler) for DeepSpeed: AdamW with weight decay on matrices other than the
+    embedding, and the warmup + cosine schedule of `lr_lambda`.
+
+    ZeRO 0 gets SkippingAdamW. ZeRO 1-3 get torch's AdamW: DeepSpeed's ZeRO optimizers already skip a
+    step whose global gradient norm is NaN or Inf, without calling this optimizer (fp32 included:
+    zero/stage_1_and_2.py and zero/stage3.py, `is_invalid_grad_norm`), and set the same `overflow`
+    flag; they also refuse an optimizer class outside their list of tested ones."""
+    decay = [p for n, p in module.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in module.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    adamw = SkippingAdamW if zero_stage == 0 else torch.optim.AdamW
+    optimizer = adamw([{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                      lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+
+
 def build_engine(model: torch.nn.Module, train, parallel, dp_size: int):
     """Wrap the model in a DeepSpeed engine with AdamW and the warmup + cosine schedule."""
     import deepspeed
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    optimizer, scheduler = build_optimizer(model, train, parallel.zero_stage)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(train, parallel, dp_size))

@@ -2,4 +2,5 @@
 
 
 class LongtrainError(Exception):
-    """A problem in the user's input (recipe, data, checkpoint, layout), explained in one line."""
+    """A problem in the user's input (recipe, data, checkpoint, layout), or a run that cannot go on (non-finite
+    steps in a row, a hung or dead peer rank), explained in one line."""

@@ -49,8 +49,9 @@ class Mesh:
         parallel_state.destroy_model_parallel()
 
 
-def build_mesh(tp: int = 1, pp: int = 1, cp: int = 1) -> Mesh:
-    """Create the groups of every axis over the default process group (every rank calls this)."""
+def build_mesh(tp: int = 1, pp: int = 1, cp: int = 1, timeout_s: float = 600.0) -> Mesh:
+    """Create the groups of every axis over the default process group (every rank calls this).
+    timeout_s: how long a collective on one of them waits for a peer (megatron-core's default is 30 min)."""
     from megatron.core import parallel_state as ps
 
     world = dist.get_world_size()
@@ -59,7 +60,8 @@ def build_mesh(tp: int = 1, pp: int = 1, cp: int = 1) -> Mesh:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 context_parallel_size=cp, create_gloo_process_groups=False)
+                                 context_parallel_size=cp, create_gloo_process_groups=False,
+                                 distributed_timeout_minutes=timeout_s / 60)
     layout = Layout(tp=tp, pp=pp, cp=cp, dp=world // (tp * pp * cp))
     mesh = Mesh(layout=layout, rank=dist.get_rank(),
                 tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longtrain.trainer.engine import deepspeed_config, lr_lambda
+from longtrain.trainer.engine import build_optimizer, deepspeed_config
 from longtrain.trainer.model.decoder import Decoder
 from longtrain.trainer.model.layers import Linears
 from longtrain.trainer.parallel.context import apply_context_parallel, zigzag_split
@@ -76,16 +76,6 @@ class ParallelLM(nn.Module):
     def forward(self, tokens, targets):
         logits = parallel_logits(self.decoder, self.decoder.hidden(tokens), self.mesh)
         return parallel_lm_loss(logits, targets, self.mesh)
-
-
-def _optimizer(module: nn.Module, train):
-    """AdamW with weight decay on matrices other than the embedding (as trainer/engine.py), warmup + cosine."""
-    decay = [p for n, p in module.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in module.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
 
 
 class ParallelRun:
@@ -204,7 +194,7 @@ def parallelize(model_cfg, train, parallel, mesh: Mesh, dense_state: dict, seq_l
     if mesh.tp * mesh.cp > 1:
         set_lockstep(module, mesh.tp_cp_group)
     apply_context_parallel(module, mesh.cp_group)
-    optimizer, scheduler = _optimizer(module, train)
+    optimizer, scheduler = build_optimizer(module, train, parallel.zero_stage)
     config = deepspeed_config(train, parallel, dp_size=mesh.dp * mesh.cp)
     if mesh.pp > 1:  # the step's sequences of this rank, cut into parallel.micro_batches pipeline micro-batches
         per_rank = train.micro_batch_size * train.grad_accum
