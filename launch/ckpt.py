@@ -31,14 +31,15 @@ def _resolve(path: str) -> Path:
 
 def cmd_inspect(args) -> int:
     from longtrain.trainer import checkpoint as ckpt
+    from longtrain.trainer.reshard import consolidated_weights
 
     path = _resolve(args.path)
     manifest = ckpt.verify(path)
-    state = ckpt.load_rank_state(path, 0)
+    weights = consolidated_weights(path, manifest)
     summary = {
         "path": str(path), "step": manifest["step"], "consumed_samples": manifest.get("consumed_samples"),
         "world_size": manifest.get("world_size"), "layout": manifest.get("layout"),
-        "parameters": sum(t.numel() for t in state["model"].values()),
+        "parameters": sum(t.numel() for t in weights.values()),
         "files": {name: info["bytes"] for name, info in manifest["files"].items()},
     }
     print(json.dumps(summary, indent=1))
@@ -58,13 +59,11 @@ def cmd_convert(args) -> int:
     from safetensors.torch import save_file
 
     from longtrain.trainer import checkpoint as ckpt
-    from longtrain.trainer.errors import LongtrainError
+    from longtrain.trainer.reshard import consolidated_weights
 
     path = _resolve(args.path)
     manifest = ckpt.verify(path)
-    if manifest.get("world_size", 1) != 1 and not any(name.startswith("rank") for name in manifest["files"]):
-        raise LongtrainError(f"{path}: no rank state files to consolidate")
-    state = ckpt.load_rank_state(path, 0)["model"]
+    state = consolidated_weights(path, manifest)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -72,7 +71,8 @@ def cmd_convert(args) -> int:
     save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp),
               metadata={"step": str(manifest["step"]), "recipe": (path / "recipe.yaml").read_text()})
     tmp.replace(out)
-    print(f"wrote {out} ({len(state)} tensors, step {manifest['step']})")
+    print(f"wrote {out} ({len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters, "
+          f"step {manifest['step']}, from {manifest.get('world_size', 1)} rank file(s))")
     return 0
 
 

@@ -76,6 +76,25 @@ def test_data_parallel_ranks_split_the_same_global_batch(shards):
         assert torch.equal(whole, parts)
 
 
+def test_resume_under_another_dp_continues_at_the_same_global_sample(shards):
+    """Saved at dp=2 (micro-batch 2, accumulation 2), resumed at dp=1 (accumulation 4): the next steps
+    cover exactly the sequences the dp=2 run would have taken, none repeated or skipped."""
+    ds = PackedDataset(shards.splits["train"], 16)
+    ranks = [DataLoader(ds, micro_batch_size=2, grad_accum=2, dp_rank=r, dp_size=2, seed=3) for r in range(2)]
+    for _ in range(3):
+        for loader in ranks:
+            loader.next_step()
+    state = ranks[0].state_dict()
+    assert state == ranks[1].state_dict() == {"consumed_samples": 3 * 8}
+    resumed = DataLoader(ds, micro_batch_size=2, grad_accum=4, dp_rank=0, dp_size=1, seed=3)
+    resumed.load_state_dict(state)
+    for _ in range(2):
+        want = sorted(tuple(row.tolist()) for loader in ranks for x, _ in loader.next_step() for row in x)
+        got = sorted(tuple(row.tolist()) for x, _ in resumed.next_step() for row in x)
+        assert got == want and len(got) == 8
+    assert resumed.consumed_samples == ranks[0].consumed_samples == 5 * 8
+
+
 def test_order_crosses_epochs(shards):
     ds = PackedDataset(shards.splits["train"], 16)
     loader = DataLoader(ds, micro_batch_size=1, seed=0)

@@ -1,7 +1,8 @@
 """Checkpoints: atomic, verified, resumable at any step.
 
     <run>/checkpoints/step_00000100/
-        rank00000.pt     this rank's model, optimizer, scheduler, engine counters and RNG states
+        rank00000.pt     this rank's model, optimizer, scheduler, engine counters and RNG states, and its
+                         layout-free `universal` section (trainer/reshard.py)
         recipe.yaml      the resolved recipe
         manifest.json    written last: step, consumed samples, layout, recipe and tokenizer hashes,
                          size and sha256 of every file
@@ -73,6 +74,50 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+LIVE = "<taken from the live optimizer on load>"
+
+
+def _plain(value) -> bool:
+    if value is None or type(value) in (bool, int, float, str, torch.Size) or isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    return False
+
+
+def plain_optimizer_state(state: dict) -> dict:
+    """An optimizer state dict with nothing a weights_only load refuses. DeepSpeed's ZeRO optimizers put
+    objects in theirs (its loss scaler, a ZeRO-stage enum, fragment addresses); those depend only on the
+    configuration, which a same-layout resume shares, so they are replaced by a marker and taken from the
+    live optimizer on load (`restore_optimizer_state`)."""
+    return {k: v if _plain(v) else LIVE for k, v in state.items()}
+
+
+def restore_optimizer_state(saved: dict, optimizer) -> dict:
+    live = None
+    out = dict(saved)
+    for key, value in saved.items():
+        if isinstance(value, str) and value == LIVE:
+            live = optimizer.state_dict() if live is None else live
+            out[key] = live[key]
+    return out
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """Load this rank's saved optimizer state into the live optimizer (same layout). DeepSpeed's ZeRO
+    optimizers take a list of every data-parallel rank's state and read their own rank's entry; with the
+    layout unchanged that entry is all they use, so this rank's dict is handed at its own index."""
+    saved = restore_optimizer_state(saved, optimizer)
+    group = getattr(optimizer, "dp_process_group", None)
+    if group is None:
+        optimizer.load_state_dict(saved)
+        return
+    import torch.distributed as dist
+    optimizer.load_state_dict({dist.get_rank(group=group): saved}, load_from_fp32_weights=True)
+
+
 def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
@@ -137,6 +182,11 @@ def verify(path: Path) -> dict:
     return manifest
 
 
+def read_manifest(path: Path) -> dict:
+    """The manifest of a checkpoint already verified (resolve / verify)."""
+    return json.loads((Path(path) / "manifest.json").read_text())
+
+
 def latest(root: Path) -> Path | None:
     """Newest complete, verified checkpoint under root; incomplete or damaged ones are skipped with a warning."""
     root = Path(root)
@@ -167,13 +217,15 @@ def resolve(resume: str | None, root: Path) -> Path | None:
     return path
 
 
-def load_rank_state(path: Path, rank: int = 0) -> dict:
+def load_rank_state(path: Path, rank: int = 0, mmap: bool = False) -> dict:
+    """Rank `rank`'s file (weights_only). mmap: tensors stay on disk until read (loading another layout
+    reads every rank's file but only the slices this rank needs)."""
     file = Path(path) / f"rank{rank:05d}.pt"
     if not file.is_file():
         raise LongtrainError(f"checkpoint {path} holds no state for rank {rank} ({file.name} missing); "
                              "was it saved with another layout?")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise LongtrainError(f"refusing to load {file}: it holds objects other than tensors and plain data "
                              f"({str(e).splitlines()[0][:120]})") from None

@@ -118,6 +118,9 @@ class TrainConfig(Section):
 class CheckpointConfig(Section):
     interval: int = Field(100, gt=0)
     keep_last: int = Field(2, gt=0)
+    reshardable: bool = Field(True, description="also write each parameter's slice and Adam moments keyed by "
+                              "dense name, so the checkpoint loads under another tp/pp/cp/dp/ZeRO layout "
+                              "(costs about one more copy of the model and optimizer state on disk)")
 
 
 class RunConfig(Section):

@@ -21,6 +21,7 @@ from longtrain.trainer.data.loader import PackedDataset, eval_batches
 from longtrain.trainer.data.tasks import IGNORE, TaskDataset, answer_accuracy, make_task, task_eval_batches
 from longtrain.trainer.errors import LongtrainError
 from longtrain.trainer.model.decoder import Decoder
+from longtrain.trainer.reshard import consolidated_weights
 
 TASKS = ("perplexity", "passkey", "mqar")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -38,7 +39,7 @@ def load_checkpoint(path: str | Path) -> tuple[Decoder, Recipe, Path, Path]:
     found = ckpt.resolve(str(path), path)
     recipe = load_recipe(found / "recipe.yaml")
     model = Decoder(recipe.model, attention_backend=recipe.kernels.attention, scan_backend=recipe.kernels.scan)
-    model.load_state_dict(ckpt.load_rank_state(found, 0)["model"])
+    model.load_state_dict(consolidated_weights(found, ckpt.read_manifest(found)))  # any tp / pp layout
     return model.eval(), recipe, found.parent.parent, found
 
 

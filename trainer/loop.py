@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.trainer import checkpoint as ckpt
+from longtrain.trainer import reshard
 from longtrain.trainer.config import Recipe, save_recipe
 from longtrain.trainer.data.corpus import resolve_sources
 from longtrain.trainer.data.loader import DataLoader, PackedDataset, eval_batches
@@ -25,6 +26,7 @@ from longtrain.trainer.data.tasks import (TaskDataset, TaskLoader, answer_accura
                                         task_eval_batches)
 from longtrain.trainer.engine import build_engine, device_for, init_distributed
 from longtrain.trainer.errors import LongtrainError
+from longtrain.trainer.faults import CollectiveWatch, named_failures, watch_collectives
 from longtrain.trainer.generate import generate
 from longtrain.trainer.metrics import (MetricsLog, flops_per_token, measured_matmul_flops, peak_memory_bytes,
                                        progress_line)
@@ -118,7 +120,18 @@ def train(recipe: Recipe, resume: str | None = None,
     records logged at that step merged into one dict (empty when nothing was logged) and the
     checkpoint directory written at that step (None when none was); every rank sees the same calls,
     so it may be collective. Launchers use it to forward metrics and checkpoints (Ray Train's report).
+
+    A step whose gradients hold a NaN or Inf on any rank is skipped (trainer/engine.py); after
+    train.max_nonfinite_steps in a row the loop checkpoints that step and raises LongtrainError. A
+    collective that times out (parallel.collective_timeout_s) or loses its peer raises a one-line
+    LongtrainError naming the rank, the op and the loop's phase (trainer/faults.py).
     """
+    watch = watch_collectives(recipe.parallel.collective_timeout_s)  # before any group or engine exists
+    with named_failures(watch):
+        return _train(recipe, resume, on_step, watch)
+
+
+def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch) -> dict:
     resume_from = preflight(recipe, resume)
     run_dir = recipe.run_dir
     if recipe.train.threads:
@@ -129,12 +142,12 @@ def train(recipe: Recipe, resume: str | None = None,
         save_recipe(recipe, run_dir / "recipe.yaml")
         if recipe.data.task == "text":
             prepare(recipe.data, run_dir / "data", seed=recipe.run.seed)
-    rank, world, local_rank = init_distributed()
+    rank, world, local_rank = init_distributed(timeout_s=recipe.parallel.collective_timeout_s)
     device = device_for(local_rank)
     if world > 1:
         dist.barrier()
     p = recipe.parallel
-    mesh = build_mesh(p.tp, p.pp, p.cp) if p.tp * p.pp * p.cp > 1 else None
+    mesh = build_mesh(p.tp, p.pp, p.cp, p.collective_timeout_s) if p.tp * p.pp * p.cp > 1 else None
     dp_rank, dp_size = (mesh.coordinates["dp"], mesh.dp) if mesh else (rank, world)
     train_set, eval_set, loader, shards = build_data(recipe, dp_rank, dp_size)
 
@@ -149,33 +162,68 @@ def train(recipe: Recipe, resume: str | None = None,
                           recipe.kernels.attention, recipe.kernels.scan)
         engine, optimizer, scheduler = run.engine, run.optimizer, run.scheduler
     trained = model if run is None else run.module
-    start_step = 0
+    tp, tp_rank = (mesh.tp, mesh.coordinates["tp"]) if mesh else (1, 0)
+    dense_shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters()}  # ZeRO-3: real shape
+
+    def named_parameters():  # (dense Decoder name, this rank's tensor), for the layout-free checkpoint section
+        return run.dense_named_parameters() if run is not None else model.named_parameters()
+
+    start_step, resharded = 0, None
     if resume_from is not None:
-        state = ckpt.load_rank_state(resume_from, rank)
-        trained.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        manifest = ckpt.read_manifest(resume_from)
+        saved_layout = reshard.layout_key(manifest["layout"], manifest["world_size"])
+        layout = reshard.layout_key(recipe.parallel.model_dump(), world)
+        state = ckpt.load_rank_state(resume_from, rank if saved_layout == layout else 0)
+        if saved_layout == layout:  # the rank's own engine state: a bitwise-exact resume
+            if recipe.parallel.zero_stage < 3:  # ZeRO-3's optimizer restores the model's partitions from fp32
+                trained.load_state_dict(state["model"])
+            ckpt.load_optimizer_state(optimizer, state["optimizer"])
+        else:  # another layout: every rank takes its slices of the dense tensors (trainer/reshard.py)
+            reshard.load_universal(reshard.read_universal(resume_from, manifest["world_size"]), named_parameters(),
+                                   optimizer, recipe.parallel.zero_stage, tp, tp_rank, resume_from)
+            resharded = saved_layout
         scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # a resharded optimizer kept its initial param groups; the schedule's lr is the truth
         engine.global_steps, engine.global_samples = state["engine"]["global_steps"], state["engine"]["global_samples"]
-        engine.micro_steps = state["engine"]["micro_steps"]
+        engine.micro_steps = (state["engine"]["micro_steps"] if resharded is None
+                              else engine.global_steps * engine.gradient_accumulation_steps())
         loader.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"])  # another layout: rank 0's (the model draws no random numbers in training)
         start_step = state["step"]
     # Torch's RNG after resume must equal the uninterrupted run's, so nothing below draws from it.
     log = MetricsLog(run_dir, enabled=rank == 0, resume_step=start_step if resume_from else None)
     log.print(f"longtrain: {recipe.name} | pattern {recipe.model.pattern} | {count_parameters(model):,} parameters | "
               f"world {world} | device {device.type} | run dir {run_dir}"
               + (f" | resumed from {resume_from} (step {start_step})" if resume_from else ""))
+    if resharded is not None:
+        names = ("tp", "pp", "cp", "dp", "zero_stage")
+        log.print("resharded: checkpoint layout " + " ".join(f"{k}={v}" for k, v in zip(names, resharded)) +
+                  " -> " + " ".join(f"{k}={v}" for k, v in zip(names, layout)) +
+                  f" | next global sample {loader.consumed_samples}")
+        saved_batch = manifest.get("global_batch_size")
+        if saved_batch is not None and saved_batch != loader.global_batch_size:
+            log.print(f"note: global batch {saved_batch} -> {loader.global_batch_size} sequences per step "
+                      "(micro_batch_size * grad_accum * dp); the loss curve will not continue the old run's exactly")
     peak_flops = measured_matmul_flops(device)
     tokens_per_step = loader.global_batch_size * recipe.data.seq_len
     stop = StopSignal()
     recipe_text = (run_dir / "recipe.yaml").read_text() if rank == 0 else ""
 
+    first_replica = mesh is None and rank == 0 or mesh is not None and mesh.coordinates["dp"] == mesh.coordinates["cp"] == 0
+
     def save_checkpoint(step):
-        state = {"step": step, "model": trained.state_dict(), "optimizer": optimizer.state_dict(),
+        # collective under ZeRO (gathers each slice from its partitions): every rank computes it
+        universal = reshard.universal_state(named_parameters(), dense_shapes, optimizer, recipe.parallel.zero_stage,
+                                            tp, tp_rank, keep=first_replica) if recipe.checkpoint.reshardable else None
+        state = {"step": step, "model": trained.state_dict(), "optimizer": ckpt.plain_optimizer_state(optimizer.state_dict()),
                  "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": ckpt.rng_state(),
                  "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                             "micro_steps": engine.micro_steps}}
-        manifest = {"consumed_samples": loader.consumed_samples, "world_size": world,
+        if universal is not None:
+            state["universal"] = universal
+        manifest = {"consumed_samples": loader.consumed_samples, "global_batch_size": loader.global_batch_size,
+                    "world_size": world,
                     "layout": recipe.parallel.model_dump(), "recipe_sha256": ckpt.hashlib.sha256(recipe_text.encode()).hexdigest(),
                     "tokenizer_sha256": ckpt.sha256(shards.tokenizer.path) if shards else None}
         path = ckpt.save(run_dir / "checkpoints", step, state, manifest, recipe_text, rank=rank,
@@ -183,6 +231,7 @@ def train(recipe: Recipe, resume: str | None = None,
         log.print(f"checkpoint: {path}")
         return path
 
+    watch.phase = f"eval at step {start_step}"
     if start_step == 0:
         eval_loss = evaluate(engine, eval_set, recipe.train, device, run)
         log.write({"step": 0, "eval_loss": eval_loss})
@@ -192,7 +241,9 @@ def train(recipe: Recipe, resume: str | None = None,
     step = start_step
     last_saved = start_step if resume_from else None
     loss_value = float("nan")
+    nonfinite_in_a_row = 0
     while step < recipe.train.steps:
+        watch.phase = f"train step {step + 1}"
         losses = []
         reported, saved = {}, None
         if run is not None:  # already the mean over every rank's tokens
@@ -212,20 +263,37 @@ def train(recipe: Recipe, resume: str | None = None,
             dist.all_reduce(loss_t, op=dist.ReduceOp.AVG)
         loss_value = float(loss_t)
         window_tokens += tokens_per_step
-        if step % recipe.train.log_interval == 0 or step == recipe.train.steps:
+        # The same on every rank: ZeRO 0 reduces the finite flag over all ranks, ZeRO 1-3 the gradient norm.
+        skipped = not engine.was_step_applied()
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+        skipped_steps = step - scheduler.last_epoch  # the schedule advances on applied steps only
+        if skipped:
+            log.print(f"step {step:>6}/{recipe.train.steps} | NaN or Inf gradients (loss {loss_value:.4g}): update "
+                      f"skipped, {nonfinite_in_a_row} in a row (the run stops at train.max_nonfinite_steps="
+                      f"{recipe.train.max_nonfinite_steps}), {skipped_steps} in all")
+        if step % recipe.train.log_interval == 0 or step == recipe.train.steps or skipped:
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / elapsed
             mfu = flops_per_token(model, recipe.data.seq_len) * tokens_per_s / (peak_flops * world)
             memory = peak_memory_bytes(device)
             record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
                       "mfu": mfu, "peak_memory_bytes": memory, "consumed_samples": loader.consumed_samples,
+                      "skipped": skipped, "skipped_steps": skipped_steps,
                       **ode_stats(model if run is None else run.stats_module)}
             log.write(record)
             reported.update(record)
             eta = (time.perf_counter() - run_start) / (step - start_step) * (recipe.train.steps - step)
             log.print(progress_line(step, recipe.train.steps, loss_value, record["lr"], tokens_per_s, mfu, memory, eta))
             window_start, window_tokens = time.perf_counter(), 0
+        if nonfinite_in_a_row == recipe.train.max_nonfinite_steps:
+            watch.phase = f"checkpoint at step {step}"
+            path = save_checkpoint(step)  # its loader position is past the bad batches
+            log.close()
+            raise LongtrainError(f"step {step}: {nonfinite_in_a_row} steps in a row had NaN or Inf gradients "
+                                 f"(train.max_nonfinite_steps={recipe.train.max_nonfinite_steps}); checkpointed "
+                                 f"{path}; --resume auto continues after these batches, or lower train.lr")
         pause = time.perf_counter()  # eval and checkpoint time is left out of the next tokens/s window
+        watch.phase = f"eval at step {step}"
         if step % recipe.train.eval_interval == 0 or step == recipe.train.steps:
             eval_loss = evaluate(engine, eval_set, recipe.train, device, run)
             log.write({"step": step, "eval_loss": eval_loss})
@@ -239,10 +307,12 @@ def train(recipe: Recipe, resume: str | None = None,
                 reported["eval_accuracy"] = accuracy["sample_accuracy"]
                 log.print(f"step {step:>6}/{recipe.train.steps} | eval {recipe.data.task} accuracy "
                           f"{accuracy['sample_accuracy']:.3f}")
+        watch.phase = f"checkpoint at step {step}"
         if step % recipe.checkpoint.interval == 0 or step == recipe.train.steps:
             saved = save_checkpoint(step)
             last_saved = step
         window_start += time.perf_counter() - pause
+        watch.phase = f"the end of train step {step}"
         if on_step is not None:
             on_step(step, reported, saved)
         if stop.agreed(world):
@@ -251,6 +321,7 @@ def train(recipe: Recipe, resume: str | None = None,
             log.print(f"received {stop.received or 'stop from another rank'}: checkpointed step {step}, exiting")
             log.close()
             return {"step": step, "stopped": True}
+    watch.phase = "final eval"
     if run is not None and recipe.train.sample_tokens:
         run.load_into_dense(model)  # collective: rank 0's dense model gets the trained weights for the sample
     final = {"step": step, "final_loss": loss_value, "final_eval_loss": evaluate(engine, eval_set, recipe.train, device, run)}
