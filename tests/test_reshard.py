@@ -98,3 +98,12 @@ def test_save_at_tp2_pp2_load_at_tp1_pp1(tmp_path):
 @pytest.mark.slow
 def test_save_at_tp1_pp1_load_at_tp2_pp2(tmp_path):
     _assert_continues(*_switch(tmp_path, ONE, TP2PP2))
+
+
+DP2_ZERO3 = ({"zero_stage": 3}, {"micro_batch_size": 2, "grad_accum": 2}, 2)
+CP2_ZERO2 = ({"cp": 2, "zero_stage": 2}, {"micro_batch_size": 2, "grad_accum": 4}, 2)
+
+
+@pytest.mark.slow
+def test_save_at_dp2_zero3_load_at_cp2_zero2(tmp_path):
+    _assert_continues(*_switch(tmp_path, DP2_ZERO3, CP2_ZERO2))
