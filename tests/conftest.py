@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def tiny_recipe(run_dir: Path, **sections) -> dict:
@@ -36,7 +37,8 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 
 def run_cli(*args, timeout=300, check=False, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}  # a fresh one-process run
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "longtrain.launch.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, **kwargs)
     if check and proc.returncode != 0:

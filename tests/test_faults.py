@@ -17,6 +17,16 @@ from conftest import read_metrics, tiny_recipe, write_recipe
 from parallel_harness import _free_port, run_ranks
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _restore_environment():
+    """In-process runs set torchrun's variables (RANK, MASTER_PORT, ...) for their one-process group,
+    which stays for the session (DeepSpeed keeps its handle); later CLI runs must not inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _poisoned_loss(bad_steps: dict):
     """The loop's lm_loss, times bad_steps[step] (NaN or Inf: every gradient non-finite) at those train
     steps (one micro-batch per step); eval losses (computed without grad) are left alone."""

@@ -32,6 +32,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     if dist.is_initialized():
         # The launcher's group is the truth for rank and world, whatever the environment says.
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed's engine asserts it is set
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
         else:
