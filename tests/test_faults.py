@@ -100,6 +100,32 @@ def test_nonfinite_step_is_skipped_and_training_continues(tmp_path, monkeypatch,
     assert "step      3/5 | NaN or Inf gradients (loss nan): update skipped, 1 in a row" in capsys.readouterr().out
 
 
+def test_infinite_loss_with_finite_gradients_is_skipped(tmp_path, monkeypatch):
+    """loss + inf: the loss is infinite but its gradients are finite; the step is still dropped."""
+    from longtrain.trainer import loop
+    from longtrain.trainer.loop import train
+    from longtrain.trainer.model.decoder import lm_loss as clean
+
+    calls = [0]
+
+    def lm_loss(logits, targets):
+        loss = clean(logits, targets)
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == 2:
+                return loss + float("inf")
+        return loss
+    monkeypatch.setattr(loop, "lm_loss", lm_loss)
+    run_dir = tmp_path / "run"
+    train(_recipe(run_dir, train={"steps": 3, "eval_interval": 3, "log_interval": 1},
+                  checkpoint={"interval": 1, "keep_last": 3}))
+    states = {step: _state(run_dir, step) for step in (1, 2, 3)}
+    assert _changed(_tensors(states[1]["model"]), _tensors(states[2]["model"])) == set()
+    assert _changed(_tensors(states[2]["model"]), _tensors(states[3]["model"])) != set()
+    records = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+    assert records[2]["skipped"] is True and records[2]["loss"] == float("inf") and records[3]["skipped"] is False
+
+
 def test_consecutive_nonfinite_steps_checkpoint_and_stop(tmp_path, monkeypatch):
     from longtrain.trainer.checkpoint import verify
     from longtrain.trainer import loop

@@ -39,6 +39,7 @@ import inspect
 import os
 import re
 
+import torch
 import torch.distributed as dist
 
 from longtrain.trainer.errors import LongtrainError
@@ -167,3 +168,11 @@ def named_failures(watch: CollectiveWatch):
         if error is None:
             raise
         raise error from failure
+
+
+def nonfinite_loss_poisons_gradients(loss: torch.Tensor) -> torch.Tensor:
+    """The training loss, scaled by NaN when it is NaN or Inf. An infinite loss can have finite gradients
+    (cross-entropy of a target whose logit is -inf: the softmax gradient stays finite), which would
+    update the model; scaled by NaN every gradient is NaN, so the non-finite-gradient skip (ZeRO 0:
+    trainer/engine.py, ZeRO 1-3: DeepSpeed) drops the step on every rank. No host sync."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)

@@ -26,7 +26,8 @@ from longtrain.trainer.data.tasks import (TaskDataset, TaskLoader, answer_accura
                                         task_eval_batches)
 from longtrain.trainer.engine import build_engine, device_for, init_distributed
 from longtrain.trainer.errors import LongtrainError
-from longtrain.trainer.faults import CollectiveWatch, named_failures, watch_collectives
+from longtrain.trainer.faults import (CollectiveWatch, named_failures, nonfinite_loss_poisons_gradients,
+                                     watch_collectives)
 from longtrain.trainer.generate import generate
 from longtrain.trainer.metrics import (MetricsLog, flops_per_token, measured_matmul_flops, peak_memory_bytes,
                                        progress_line)
@@ -254,7 +255,7 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch) 
             for inputs, targets in loader.next_step():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.bf16):
                     loss = lm_loss(engine(inputs.to(device)), targets.to(device))
-                engine.backward(loss)
+                engine.backward(nonfinite_loss_poisons_gradients(loss))
                 engine.step()
                 losses.append(loss.detach())
         step += 1

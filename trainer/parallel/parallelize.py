@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from longtrain.trainer.engine import build_optimizer, deepspeed_config
+from longtrain.trainer.faults import nonfinite_loss_poisons_gradients
 from longtrain.trainer.model.decoder import Decoder
 from longtrain.trainer.model.layers import Linears
 from longtrain.trainer.parallel.context import apply_context_parallel, zigzag_split
@@ -110,7 +111,7 @@ class ParallelRun:
         losses = []
         for tokens, targets in batches:
             loss = self.engine(tokens, targets)
-            self.engine.backward(loss)
+            self.engine.backward(nonfinite_loss_poisons_gradients(loss))
             self.engine.step()
             losses.append(loss.detach())
         return self._mean(torch.stack(losses).mean())
@@ -248,4 +249,4 @@ def set_lockstep(module: nn.Module, group) -> None:
 
 
 def _pipeline_loss(logits, targets, mesh):
-    return parallel_lm_loss(logits, targets, mesh)
+    return nonfinite_loss_poisons_gradients(parallel_lm_loss(logits, targets, mesh))
