@@ -174,8 +174,17 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch) 
         manifest = ckpt.read_manifest(resume_from)
         saved_layout = reshard.layout_key(manifest["layout"], manifest["world_size"])
         layout = reshard.layout_key(recipe.parallel.model_dump(), world)
-        state = ckpt.load_rank_state(resume_from, rank if saved_layout == layout else 0)
-        if saved_layout == layout:  # the rank's own engine state: a bitwise-exact resume
+        same = saved_layout == layout
+        if same:  # the same layout can still cut pipeline stages elsewhere (stage costs depend on data.seq_len)
+            state = ckpt.load_rank_state(resume_from, rank)
+            same = set(state["model"]) == set(trained.state_dict())
+            if world > 1:
+                agreed = torch.tensor([float(same)])
+                dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+                same = bool(agreed.item())
+        if not same:
+            state = ckpt.load_rank_state(resume_from, 0)
+        if same:  # the rank's own engine state: a bitwise-exact resume
             if recipe.parallel.zero_stage < 3:  # ZeRO-3's optimizer restores the model's partitions from fp32
                 trained.load_state_dict(state["model"])
             ckpt.load_optimizer_state(optimizer, state["optimizer"])
