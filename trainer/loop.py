@@ -174,21 +174,17 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch) 
         manifest = ckpt.read_manifest(resume_from)
         saved_layout = reshard.layout_key(manifest["layout"], manifest["world_size"])
         layout = reshard.layout_key(recipe.parallel.model_dump(), world)
-        same = saved_layout == layout
-        if same:  # the same layout can still cut pipeline stages elsewhere (stage costs depend on data.seq_len)
-            state = ckpt.load_rank_state(resume_from, rank)
-            same = set(state["model"]) == set(trained.state_dict())
-            if world > 1:
-                agreed = torch.tensor([float(same)])
-                dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-                same = bool(agreed.item())
-        if not same:
-            state = ckpt.load_rank_state(resume_from, 0)
-        if same:  # the rank's own engine state: a bitwise-exact resume
+        state = ckpt.load_rank_state(resume_from, rank) if saved_layout == layout else None
+        # the same layout can still cut pipeline stages elsewhere (stage costs depend on data.seq_len)
+        same = torch.tensor([float(state is not None and set(state["model"]) == set(trained.state_dict()))])
+        if saved_layout == layout and world > 1:
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)  # every rank takes the same path
+        if same.item():  # the rank's own engine state: a bitwise-exact resume
             if recipe.parallel.zero_stage < 3:  # ZeRO-3's optimizer restores the model's partitions from fp32
                 trained.load_state_dict(state["model"])
             ckpt.load_optimizer_state(optimizer, state["optimizer"])
         else:  # another layout: every rank takes its slices of the dense tensors (trainer/reshard.py)
+            state = ckpt.load_rank_state(resume_from, 0, mmap=True)  # its scheduler, loader, counters and RNG
             reshard.load_universal(reshard.read_universal(resume_from, manifest["world_size"]), named_parameters(),
                                    optimizer, recipe.parallel.zero_stage, tp, tp_rank, resume_from)
             resharded = saved_layout

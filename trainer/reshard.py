@@ -130,8 +130,7 @@ def load_universal(full: dict, named_params, optimizer, zero_stage: int, tp: int
     if missing:
         raise LongtrainError(f"checkpoint {path} holds no {missing[0]} (and {len(missing) - 1} more): another model?")
     base = _base(optimizer)
-    steps = {full[n]["step"] for n, _ in named_params}
-    step = max(steps)
+    step = max(full[n]["step"] for n, _ in named_params)
     if zero_stage:  # Adam's state on the flat partitions exists only after a first step: make it, then link it
         for flat in _flat_groups(optimizer):
             base.state[flat] = {"step": torch.tensor(float(step)), **{k: torch.zeros_like(flat) for k in MOMENTS}}
@@ -139,9 +138,11 @@ def load_universal(full: dict, named_params, optimizer, zero_stage: int, tp: int
     for name, param in named_params:
         entry = full[name]
         shape = _dense_shape(param)
-        if entry["param"].shape != torch.Size(shape) and tp == 1:
-            raise LongtrainError(f"checkpoint {path}: {name} is {tuple(entry['param'].shape)}, the model's is {tuple(shape)}")
-        dim = shard_dim(shape, entry["param"].shape, tp)
+        try:
+            dim = shard_dim(shape, entry["param"].shape, tp)
+        except ValueError:
+            raise LongtrainError(f"checkpoint {path}: {name} is {tuple(entry['param'].shape)}, which this rank's "
+                                 f"{tuple(shape)} at tp={tp} is not a slice of: another model?") from None
         mine = {k: entry[k] if dim is None else entry[k].narrow(dim, tp_rank * shape[dim], shape[dim]).contiguous()
                 for k in ("param", *MOMENTS)}
         if zero_stage:
@@ -163,9 +164,8 @@ def consolidated_weights(path: Path, manifest: dict) -> dict:
     from longtrain.trainer.checkpoint import load_rank_state
 
     world = manifest.get("world_size", 1)
-    if "universal" in load_rank_state(path, 0, mmap=True):
-        return {name: entry["param"] for name, entry in read_universal(path, world).items()}
-    if world == 1:
-        return load_rank_state(path, 0)["model"]
-    raise LongtrainError(f"{path}: saved by {world} ranks with checkpoint.reshardable=false; its weights cannot "
-                         "be consolidated outside the layout that wrote them")
+    if world == 1:  # one rank: its own model state is whole when it has no layout-free section
+        state = load_rank_state(path, 0, mmap=True)
+        if "universal" not in state:
+            return state["model"]
+    return {name: entry["param"] for name, entry in read_universal(path, world).items()}
