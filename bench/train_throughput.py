@@ -3,6 +3,7 @@ same-size `transformers` models (Llama for attention, Mamba for Mamba) trained b
 
     python bench/train_throughput.py                                  # defaults: a few minutes on 2 cores
     python bench/train_throughput.py --seq-lens 1k,2k,4k,8k,16k,32k --steps 3 --timeout 900
+    python bench/train_throughput.py --models "longtrain A,transformers Llama" --seq-lens 4k --precisions fp32,bf16
 
 Every (model, length) runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own;
 `act MiB` is that peak minus the resident memory after the model and optimizer were built, i.e. what
@@ -10,7 +11,16 @@ training at that length adds. longtrain trains through its DeepSpeed engine (as 
 does); the peers through torch.optim.AdamW with the same settings, on the same seeded token batches
 (batch 1). MFU is the longtrain model's FLOPs per token (PaLM appendix convention, see
 trainer/metrics.py; a peer of the same size counts the same FLOPs) times tokens/s over the float32
-matmul rate measured here before the runs. Timings are the median of the timed steps after one warm-up.
+matmul rate measured here before the runs, of the precision of the run. A row's time is its fastest
+timed step (after one warm-up step) over `--repeats` fresh processes, which run round robin with the
+other rows of the same length so that a slow spell of a shared machine hits them all;
+`--json` also keeps every step and the median.
+
+Precisions: `fp32` trains in float32; `bf16` trains both frameworks under the same
+torch.autocast(bfloat16) with float32 weights and optimizer (longtrain's `train.bf16: true`, and the
+standard mixed-precision loop for the peer). Its MFU is against the measured bfloat16 matmul rate.
+On CPUs with AVX512-BF16 longtrain's attention then multiplies bfloat16 with float32 accumulation
+(csrc/common/cpu_bf16_gemm.h); torch's SDPA does its own bfloat16 path.
 
 Clocks: `tokens/s` is by the process's CPU time (process_time) times the thread count, i.e. the rate
 with each thread on a core of its own; on a machine shared with other work, wall time mostly measures
@@ -83,6 +93,7 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     framework, pattern = MODELS[spec["model"]]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
     seq_len = spec["seq_len"]
     cfg = model_config(args, pattern)
     from longtrain.trainer.metrics import flops_per_token
@@ -99,7 +110,9 @@ def child(spec: dict) -> dict:
         engine, _, _ = build_engine(model, train_cfg, ParallelConfig(), dp_size=1)
 
         def step(batch):
-            loss = F.cross_entropy(engine(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+            with autocast:
+                logits = engine(batch[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
             engine.backward(loss)
             engine.step()
     else:
@@ -107,7 +120,9 @@ def child(spec: dict) -> dict:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
         def step(batch):
-            logits = model(input_ids=batch[:, :-1]).logits.float()
+            with autocast:
+                logits = model(input_ids=batch[:, :-1]).logits
+            logits = logits.float()
             loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -126,11 +141,26 @@ def child(spec: dict) -> dict:
     else:
         reference(tokens[0][:, :8])
         flops = flops_per_token(reference, seq_len)
-    seconds = statistics.median(cpu_times[1:])
-    return {"model": spec["model"], "seq_len": seq_len, "parameters": count_parameters(model),
-            "seconds_per_step": seconds, "tokens_per_s": seq_len / seconds, "flops_per_token": flops,
-            "wall_tokens_per_s": seq_len / statistics.median(times[1:]),
+    return {"model": spec["model"], "precision": spec["precision"], "seq_len": seq_len,
+            "parameters": count_parameters(model), "flops_per_token": flops,
+            "cpu_seconds": cpu_times[1:], "wall_seconds": times[1:],
             "peak_rss_bytes": rss_bytes(), "activation_bytes": rss_bytes() - setup_rss}
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """One row from the repeats of one (model, precision, length): the fastest timed step (the least
+    disturbed by other work on the machine), the largest peak memory."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[-1]
+    merged = dict(good[0])
+    seconds = min(t for r in good for t in r["cpu_seconds"])
+    merged.update(seconds_per_step=seconds, tokens_per_s=merged["seq_len"] / seconds,
+                  wall_tokens_per_s=merged["seq_len"] / min(t for r in good for t in r["wall_seconds"]),
+                  median_tokens_per_s=merged["seq_len"] / statistics.median(t for r in good for t in r["cpu_seconds"]),
+                  peak_rss_bytes=max(r["peak_rss_bytes"] for r in good),
+                  activation_bytes=max(r["activation_bytes"] for r in good), runs=len(good))
+    return merged
 
 
 def run_child(spec: dict, timeout: float) -> dict:
@@ -140,18 +170,22 @@ def run_child(spec: dict, timeout: float) -> dict:
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                               timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"model": spec["model"], "seq_len": spec["seq_len"], "error": f"over {timeout:.0f} s"}
+        return {"model": spec["model"], "precision": spec["precision"], "seq_len": spec["seq_len"],
+                "error": f"over {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"model": spec["model"], "seq_len": spec["seq_len"], "error": tail[:100]}
+        return {"model": spec["model"], "precision": spec["precision"], "seq_len": spec["seq_len"],
+                "error": tail[:100]}
     return json.loads(lines[-1])
 
 
-def matmul_peak(threads: int, size: int = 1024, seconds: float = 0.5) -> float:
-    """float32 matmul FLOP/s by process CPU time times threads (see the module docstring)."""
+def matmul_peak(threads: int, precision: str = "fp32", size: int = 1024, seconds: float = 0.5) -> float:
+    """Matmul FLOP/s (float32, or bfloat16 for "bf16") by process CPU time times threads (see the module
+    docstring)."""
     import torch
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     count, cpu_start, start = 0, time.process_time(), time.perf_counter()
     while time.perf_counter() - start < seconds or count < 3:
@@ -178,7 +212,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=4000)
     parser.add_argument("--ode-solver", default="midpoint")
     parser.add_argument("--ode-steps", type=int, default=2)
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16 (see the module docstring)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="fresh processes per (model, precision, length), run round robin; the fastest step counts")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per (model, length) subprocess")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -190,51 +227,72 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(args.threads)
-    peak = max(matmul_peak(args.threads) for _ in range(4))
     models = [m.strip() for m in args.models.split(",")]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"unknown --models {unknown}; valid: {', '.join(MODELS)}")
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        parser.error(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
+    peaks = {p: max(matmul_peak(args.threads, p) for _ in range(4)) for p in precisions}
     lengths = parse_lengths(args.seq_lens)
     peer_max = {"llama": parse_lengths(args.llama_max_len)[0], "mamba": parse_lengths(args.hf_mamba_max_len)[0]}
     spec_args = {k: v for k, v in vars(args).items() if k not in ("child", "json")}
-    print(f"# measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s by CPU time on {args.threads} thread(s); "
+    measured = ", ".join(f"{p} {peaks[p] / 1e9:.1f}" for p in precisions)
+    print(f"# measured matmul peak (GFLOP/s by CPU time on {args.threads} thread(s)): {measured}; "
           f"d_model {args.d_model}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, batch 1, torch {torch.__version__}")
     results = []
-    header = f"{'model':<20} {'pattern':<7} {'seq':>6} {'params':>9} {'s/step':>8} {'tokens/s':>9} {'MFU %':>6} {'peak MiB':>9} {'act MiB':>8} {'wall tok/s':>10}"
+    header = (f"{'model':<20} {'pattern':<7} {'prec':<4} {'seq':>6} {'params':>9} {'s/step':>8} {'tokens/s':>9} "
+              f"{'MFU %':>6} {'peak MiB':>9} {'act MiB':>8} {'wall tok/s':>10}")
     print(header)
     print("-" * len(header))
     for seq_len in lengths:
-        for model in models:
-            if MODELS[model][0] != "longtrain" and seq_len > peer_max[MODELS[model][0]]:
-                continue
-            r = run_child({"model": model, "seq_len": seq_len, "args": spec_args}, args.timeout)
+        configs = [(model, precision) for model in models for precision in precisions
+                   if MODELS[model][0] == "longtrain" or seq_len <= peer_max[MODELS[model][0]]]
+        runs = {config: [] for config in configs}
+        # Round robin, in alternating order, so that a slow spell of a shared machine hits every config.
+        for repeat in range(args.repeats):
+            for model, precision in configs if repeat % 2 == 0 else configs[::-1]:
+                done = runs[(model, precision)]
+                if done and "error" in done[-1]:
+                    continue
+                done.append(run_child({"model": model, "precision": precision, "seq_len": seq_len,
+                                       "args": spec_args}, args.timeout))
+        for model, precision in configs:
+            r = merge_runs(runs[(model, precision)])
             results.append(r)
-            pattern = MODELS[model][1]
+            row = f"{model:<20} {MODELS[model][1]:<7} {precision:<4} {seq_len:>6}"
             if "error" in r:
-                print(f"{model:<20} {pattern:<7} {seq_len:>6} {'':>9} {r['error']}", flush=True)
+                print(f"{row} {'':>9} {r['error']}", flush=True)
                 continue
-            r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak
-            print(f"{model:<20} {pattern:<7} {seq_len:>6} {r['parameters']:>9,} {r['seconds_per_step']:>8.3f} "
-                  f"{r['tokens_per_s']:>9,.0f} {100 * r['mfu']:>6.1f} {r['peak_rss_bytes'] / 2**20:>9,.0f} "
-                  f"{r['activation_bytes'] / 2**20:>8,.0f} {r['wall_tokens_per_s']:>10,.0f}", flush=True)
+            r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peaks[precision]
+            print(f"{row} {r['parameters']:>9,} {r['seconds_per_step']:>8.3f} {r['tokens_per_s']:>9,.0f} "
+                  f"{100 * r['mfu']:>6.1f} {r['peak_rss_bytes'] / 2**20:>9,.0f} {r['activation_bytes'] / 2**20:>8,.0f} "
+                  f"{r['wall_tokens_per_s']:>10,.0f}", flush=True)
     print_ratios(results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peak_flops": peak, "args": spec_args, "results": results}, f, indent=1)
+            json.dump({"peak_flops": peaks, "args": spec_args, "results": results}, f, indent=1)
     return 0
 
 
 def print_ratios(results: list[dict]) -> None:
-    by = {(r["model"], r["seq_len"]): r for r in results if "error" not in r}
-    pairs = [("longtrain A", "transformers Llama"), ("longtrain M", "transformers Mamba")]
+    """longtrain over its peer at each length: at the same precision, and each at its fastest precision."""
+    by = {(r["model"], r["precision"], r["seq_len"]): r for r in results if "error" not in r}
     lines = []
-    for ours, peer in pairs:
-        for (model, seq_len), r in sorted(by.items(), key=lambda kv: kv[0][1]):
-            if model == ours and (peer, seq_len) in by:
-                p = by[(peer, seq_len)]
-                lines.append(f"{ours:<12} vs {peer:<19} {seq_len:>6}: {r['tokens_per_s'] / p['tokens_per_s']:5.2f}x tokens/s, "
-                             f"activation memory {r['activation_bytes'] / 2**20:,.0f} vs {p['activation_bytes'] / 2**20:,.0f} MiB")
+    for ours, peer in [("longtrain A", "transformers Llama"), ("longtrain M", "transformers Mamba")]:
+        for seq_len in sorted({key[2] for key in by}):
+            for precision in ("fp32", "bf16"):
+                r, p = by.get((ours, precision, seq_len)), by.get((peer, precision, seq_len))
+                if r and p:
+                    lines.append(f"{ours:<12} vs {peer:<19} {seq_len:>6} {precision}: "
+                                 f"{r['tokens_per_s'] / p['tokens_per_s']:5.2f}x tokens/s, activation memory "
+                                 f"{r['activation_bytes'] / 2**20:,.0f} vs {p['activation_bytes'] / 2**20:,.0f} MiB")
+            best = [max((r for (m, _, n), r in by.items() if m == model and n == seq_len),
+                        key=lambda r: r["tokens_per_s"], default=None) for model in (ours, peer)]
+            if all(best) and {best[0]["precision"], best[1]["precision"]} != {best[0]["precision"]}:
+                lines.append(f"{ours:<12} vs {peer:<19} {seq_len:>6} best: {best[0]['tokens_per_s'] / best[1]['tokens_per_s']:5.2f}x "
+                             f"tokens/s ({best[0]['precision']} vs {best[1]['precision']}, each at its faster precision)")
     if lines:
         print("\n# longtrain / transformers, same shapes, same batches")
         print("\n".join(lines))

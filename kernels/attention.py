@@ -20,12 +20,14 @@ from longtrain.kernels.registry import OpRegistry, always
 registry = OpRegistry("attention")
 
 
-def reference(q, k, v, causal=False, softmax_scale=None):
+def reference(q, k, v, causal=False, softmax_scale=None, upcast=True):
     """Plain attention, materialising the (seq_q, seq_k) score matrix.
 
     q: (batch, seq_q, heads, head_dim); k, v: (batch, seq_k, kv_heads, head_dim), heads % kv_heads == 0.
     Returns out: (batch, seq_q, heads, head_dim) in q's dtype, lse: (batch, heads, seq_q) float32.
     With causal=True query i attends to keys j <= i + seq_k - seq_q (bottom-right aligned, as flash-attn).
+    upcast=False keeps both products in a 16-bit input dtype (scores and probabilities rounded to it), as
+    a plain PyTorch attention in that dtype does; flash-attn's tests measure their kernels against that.
     """
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -34,13 +36,19 @@ def reference(q, k, v, causal=False, softmax_scale=None):
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * scale
+    if not upcast and q.dtype in (torch.bfloat16, torch.float16):
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k).to(compute) * scale
+    else:
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * scale
     if causal:
         keep = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril(seq_k - seq_q)
         scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # fully masked rows give 0, lse -inf
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute))
+    if not upcast and q.dtype in (torch.bfloat16, torch.float16):
+        out = torch.einsum("bhqk,bkhd->bqhd", probs.to(q.dtype), v)
+    else:
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute))
     return out.to(q.dtype), lse.float() if compute != torch.float64 else lse
 
 

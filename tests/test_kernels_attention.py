@@ -3,7 +3,15 @@
 gold = reference in float64, base = reference in the test dtype, fast = csrc in the test dtype;
 for out, lse and every input gradient (with cotangents on both out and lse):
 max|fast - gold| <= 2 max|base - gold| + atol, atol = 1e-5 * max|gold|.
+The reference computes bfloat16 inputs in float32, so a bfloat16 csrc run must match a float32
+computation of its inputs to within twice the error of rounding the results to bfloat16.
+bfloat16 runs both CPU paths. With products in float32 every result meets that rule. With bfloat16
+products and float32 accumulation (LONGTRAIN_CPU_BF16_GEMM=1; AVX512-BF16 where the CPU has it,
+plain loops otherwise) out and lse meet it too; the input gradients, for which P and dS are rounded
+to bfloat16 before their products as in flash-attn, meet flash-attn's own rule: base is then the
+reference with bfloat16 products (a plain PyTorch attention in bfloat16).
 """
+import functools
 import math
 import os
 import subprocess
@@ -23,7 +31,10 @@ pytestmark = pytest.mark.skipif(
 
 def run(q, k, v, cast, backend, causal, cotangents):
     leaves = [cast(x).detach().requires_grad_() for x in (q, k, v)]
-    out, lse = attention(*leaves, causal=causal, return_lse=True, backend=backend)
+    if callable(backend):
+        out, lse = backend(*leaves, causal=causal)
+    else:
+        out, lse = attention(*leaves, causal=causal, return_lse=True, backend=backend)
     finite = torch.isfinite(lse)
     # Rows that see no key have lse = -inf; they carry no lse gradient.
     loss = (out.double() * cotangents[0]).sum() + (lse.double().where(finite, 0) * cotangents[1]).sum()
@@ -33,7 +44,7 @@ def run(q, k, v, cast, backend, causal, cotangents):
     return {name: x.double() for name, x in results.items()}, finite
 
 
-def check_against_gold(batch, seq_q, seq_k, heads, kv_heads, dim, causal, dtype, seed):
+def check_against_gold(batch, seq_q, seq_k, heads, kv_heads, dim, causal, dtype, seed, bf16_products=False):
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, seq_q, heads, dim, generator=generator).to(dtype)
     k = torch.randn(batch, seq_k, kv_heads, dim, generator=generator).to(dtype)
@@ -42,6 +53,10 @@ def check_against_gold(batch, seq_q, seq_k, heads, kv_heads, dim, causal, dtype,
                   torch.randn(batch, heads, seq_q, generator=generator, dtype=torch.float64))
     gold, gold_finite = run(q, k, v, lambda x: x.double(), "reference", causal, cotangents)
     base, _ = run(q, k, v, lambda x: x, "reference", causal, cotangents)
+    if bf16_products:
+        low = functools.partial(attention_module.reference, upcast=False)
+        base_low, _ = run(q, k, v, lambda x: x, low, causal, cotangents)
+        base = {name: base[name] if name in ("out", "lse") else base_low[name] for name in base}
     fast, fast_finite = run(q, k, v, lambda x: x, "csrc", causal, cotangents)
     assert torch.equal(fast_finite, gold_finite), "rows with no visible key must have lse = -inf"
     for name in gold:
@@ -61,17 +76,35 @@ SHAPES = [  # batch, seq_q, seq_k, heads, kv_heads, dim
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+PATHS = [  # dtype, LONGTRAIN_CPU_BF16_GEMM
+    pytest.param(torch.float32, None, id="float32"),
+    pytest.param(torch.bfloat16, "0", id="bfloat16-f32-products"),
+    pytest.param(torch.bfloat16, "1", id="bfloat16-bf16-products"),
+]
+
+
+@pytest.mark.parametrize("dtype, bf16_gemm", PATHS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_attention_matches_float64_reference(shape, causal, dtype):
-    check_against_gold(*shape, causal=causal, dtype=dtype, seed=sum(shape) + causal)
+def test_attention_matches_float64_reference(shape, causal, dtype, bf16_gemm, monkeypatch):
+    if bf16_gemm is not None:
+        monkeypatch.setenv("LONGTRAIN_CPU_BF16_GEMM", bf16_gemm)
+    check_against_gold(*shape, causal=causal, dtype=dtype, seed=sum(shape) + causal, bf16_products=bf16_gemm == "1")
+
+
+def test_bf16_products_odd_lengths_and_tiles(monkeypatch):
+    """Odd query and key counts (zero-padded k-pairs), tiles of 256 rows and a partial 512-key tile."""
+    monkeypatch.setenv("LONGTRAIN_CPU_BF16_GEMM", "1")
+    check_against_gold(2, 777, 1031, 4, 2, 64, causal=True, dtype=torch.bfloat16, seed=5, bf16_products=True)
+    check_against_gold(1, 33, 17, 2, 1, 16, causal=False, dtype=torch.bfloat16, seed=6, bf16_products=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_long_sequence(dtype):
-    check_against_gold(1, 1500, 1700, 4, 2, 64, causal=True, dtype=dtype, seed=1)
+@pytest.mark.parametrize("dtype, bf16_gemm", PATHS)
+def test_attention_long_sequence(dtype, bf16_gemm, monkeypatch):
+    if bf16_gemm is not None:
+        monkeypatch.setenv("LONGTRAIN_CPU_BF16_GEMM", bf16_gemm)
+    check_against_gold(1, 1500, 1700, 4, 2, 64, causal=True, dtype=dtype, seed=1, bf16_products=bf16_gemm == "1")
 
 
 def test_default_scale_and_output_only():

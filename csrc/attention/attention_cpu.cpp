@@ -7,16 +7,23 @@
 // the backward recomputes probabilities from the saved log-sum-exp. The five tile products go
 // to the BLAS sgemm that torch links (MKL on x86 wheels); if no sgemm symbol is present, at::mm
 // on strided views does the same work more slowly.
-// Inputs of any float dtype are computed in float32. Causal masks are bottom-right aligned as in
+// bfloat16 inputs on a CPU with AVX512-BF16 take the same tiles through bfloat16 products with float32
+// accumulation (cpu_bf16_gemm.h), about twice the float32 rate, with flash-attn's roundings: the
+// scores, the online softmax, the log-sum-exp and every accumulator (out, dq, dk, dv) are float32, and
+// only P and dS are rounded to bfloat16 before they multiply V, dO, K and Q. Other inputs, and
+// bfloat16 on CPUs without it, are computed in float32 (LONGTRAIN_CPU_BF16_GEMM=0/1 forces either
+// path; 1 without AVX512-BF16 is correct but slow, for tests). Causal masks are bottom-right aligned as in
 // flash-attn: query i sees key j when j <= i + seq_k - seq_q; a row that sees no key gets output 0
 // and lse -inf. Grouped-query attention: query head h reads K/V head h / (heads / kv_heads).
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
+#include "../common/cpu_bf16_gemm.h"
 #include "../common/cpu_math.h"
 #include "../common/cpu_parallel.h"
 
@@ -123,12 +130,36 @@ float softmax_row_update(float* __restrict s, int64_t visible, int64_t width, fl
   return alpha;
 }
 
+// Finishes the out rows of a query tile from its accumulator: out = acc / sum, lse = max + log(sum);
+// a row that saw no key keeps out 0 and gets lse -inf.
+template <typename T>
+void finish_rows(int64_t rows, int64_t d, const float* acc, int64_t ldacc, const float* row_max, const float* row_sum,
+                 T* out, int64_t ldo, float* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = row_sum[r] == 0.0f ? 0.0f : 1.0f / row_sum[r];
+    for (int64_t c = 0; c < d; ++c) out[r * ldo + c] = static_cast<T>(acc[r * ldacc + c] * inv);
+    lse[r] = row_sum[r] == 0.0f ? kNegInf : row_max[r] + std::log(row_sum[r]);
+  }
+}
+
+// Online-softmax step over one score tile for every row of a query tile, rescaling what the out
+// accumulator held.
+void softmax_tile(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j0, int64_t width, float* scores,
+                  float* row_max, float* row_sum, float* acc, int64_t ldacc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float alpha =
+        softmax_row_update(scores + r * kTileK, p.visible(i0 + r, j0, width), width, row_max[r], row_sum[r]);
+    if (alpha != 1.0f)
+      for (int64_t c = 0; c < p.dim; ++c) acc[r * ldacc + c] *= alpha;
+  }
+}
+
 void forward_tile(const AttentionProblem& p, const float* q, const float* k, const float* v, float* out, float* lse,
                   int64_t b, int64_t h, int64_t i0, std::vector<float>& scores) {
   const int64_t rows = std::min(p.tile_q, p.seq_q - i0), d = p.dim, ldq = p.q_stride(), ldk = p.kv_stride();
   const int64_t kvh = h / (p.heads / p.kv_heads);
   const float* q_tile = q + (b * p.seq_q + i0) * ldq + h * d;
-  float* o_tile = out + (b * p.seq_q + i0) * ldq + h * d;
+  float* o_tile = out + (b * p.seq_q + i0) * ldq + h * d;  // its own accumulator
   const float* k_head = k + b * p.seq_k * ldk + kvh * d;
   const float* v_head = v + b * p.seq_k * ldk + kvh * d;
   float row_max[kMaxTileQ], row_sum[kMaxTileQ];
@@ -141,24 +172,10 @@ void forward_tile(const AttentionProblem& p, const float* q, const float* k, con
   for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
     const int64_t width = std::min(kTileK, end - j0);
     gemm(false, true, rows, width, d, p.scale, q_tile, ldq, k_head + j0 * ldk, ldk, 0.0f, scores.data(), kTileK);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float alpha =
-          softmax_row_update(scores.data() + r * kTileK, p.visible(i0 + r, j0, width), width, row_max[r], row_sum[r]);
-      if (alpha != 1.0f)
-        for (int64_t c = 0; c < d; ++c) o_tile[r * ldq + c] *= alpha;
-    }
+    softmax_tile(p, rows, i0, j0, width, scores.data(), row_max, row_sum, o_tile, ldq);
     gemm(false, false, rows, d, width, 1.0f, scores.data(), kTileK, v_head + j0 * ldk, ldk, 1.0f, o_tile, ldq);
   }
-  float* lse_row = lse + (b * p.heads + h) * p.seq_q + i0;
-  for (int64_t r = 0; r < rows; ++r) {
-    if (row_sum[r] == 0.0f) {
-      lse_row[r] = kNegInf;
-      continue;
-    }
-    const float inv = 1.0f / row_sum[r];
-    for (int64_t c = 0; c < d; ++c) o_tile[r * ldq + c] *= inv;
-    lse_row[r] = row_max[r] + std::log(row_sum[r]);
-  }
+  finish_rows(rows, d, o_tile, ldq, row_max, row_sum, o_tile, ldq, lse + (b * p.heads + h) * p.seq_q + i0);
 }
 
 // Probabilities of one score row from the saved lse; then, given dP in `dp`, dS = P * (dP - delta).
@@ -175,36 +192,44 @@ void score_grad_row(const float* __restrict prob, float* __restrict dp, int64_t 
 }
 
 struct AttentionGrads {
-  const float *dout, *out, *lse, *dlse;
-  float *dq, *dk, *dv;  // dk, dv per query head: (batch, seq_k, heads, dim)
+  const float *lse, *dlse;
+  float *dq, *dk, *dv;  // float32, (batch, seq, heads, dim); dk, dv per query head
 };
 
-void backward_head(const AttentionProblem& p, const float* q, const float* k, const float* v, const AttentionGrads& g,
-                   int64_t b, int64_t h, std::vector<float>& probs, std::vector<float>& dprobs) {
+// delta_r = dO_r . O_r - dlse_r for the rows of a query tile (d lse / d score = P, so an incoming lse
+// gradient shifts the row's delta).
+template <typename T>
+void row_deltas(int64_t rows, int64_t d, const T* dout, int64_t lddo, const T* out, int64_t ldo, const float* dlse,
+                float* delta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float dot = 0.0f;
+    for (int64_t c = 0; c < d; ++c) dot += static_cast<float>(dout[r * lddo + c]) * static_cast<float>(out[r * ldo + c]);
+    delta[r] = dot - (dlse ? dlse[r] : 0.0f);
+  }
+}
+
+void backward_head(const AttentionProblem& p, const float* q, const float* k, const float* v, const float* dout,
+                   const float* out, const AttentionGrads& g, int64_t b, int64_t h, std::vector<float>& probs,
+                   std::vector<float>& dprobs) {
   const int64_t d = p.dim, ldq = p.q_stride(), ldk = p.kv_stride();
   const int64_t kvh = h / (p.heads / p.kv_heads);
   const float* k_head = k + b * p.seq_k * ldk + kvh * d;
   const float* v_head = v + b * p.seq_k * ldk + kvh * d;
   float* dk_head = g.dk + b * p.seq_k * ldq + h * d;
   float* dv_head = g.dv + b * p.seq_k * ldq + h * d;
-  const float* lse = g.lse + (b * p.heads + h) * p.seq_q;
+  const int64_t row0 = (b * p.heads + h) * p.seq_q;
   float delta[kMaxTileQ];
   for (int64_t i0 = 0; i0 < p.seq_q; i0 += p.tile_q) {
     const int64_t rows = std::min(p.tile_q, p.seq_q - i0), offset = (b * p.seq_q + i0) * ldq + h * d;
-    const float *q_tile = q + offset, *do_tile = g.dout + offset, *o_tile = g.out + offset;
+    const float *q_tile = q + offset, *do_tile = dout + offset;
     float* dq_tile = g.dq + offset;
-    for (int64_t r = 0; r < rows; ++r) {
-      float dot = 0.0f;
-      for (int64_t c = 0; c < d; ++c) dot += do_tile[r * ldq + c] * o_tile[r * ldq + c];
-      // d lse / d score = P, so an incoming lse gradient shifts the row's delta.
-      delta[r] = dot - (g.dlse ? g.dlse[(b * p.heads + h) * p.seq_q + i0 + r] : 0.0f);
-    }
+    row_deltas(rows, d, do_tile, ldq, out + offset, ldq, g.dlse ? g.dlse + row0 + i0 : nullptr, delta);
     const int64_t end = p.key_end(i0 + rows);
     for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
       const int64_t width = std::min(kTileK, end - j0);
       gemm(false, true, rows, width, d, p.scale, q_tile, ldq, k_head + j0 * ldk, ldk, 0.0f, probs.data(), kTileK);
       for (int64_t r = 0; r < rows; ++r)
-        probabilities_row(probs.data() + r * kTileK, p.visible(i0 + r, j0, width), width, lse[i0 + r]);
+        probabilities_row(probs.data() + r * kTileK, p.visible(i0 + r, j0, width), width, g.lse[row0 + i0 + r]);
       gemm(true, false, width, d, rows, 1.0f, probs.data(), kTileK, do_tile, ldq, 1.0f, dv_head + j0 * ldq, ldq);
       gemm(false, true, rows, width, d, 1.0f, do_tile, ldq, v_head + j0 * ldk, ldk, 0.0f, dprobs.data(), kTileK);
       for (int64_t r = 0; r < rows; ++r)
@@ -213,6 +238,141 @@ void backward_head(const AttentionProblem& p, const float* q, const float* k, co
       gemm(true, false, width, d, rows, p.scale, dprobs.data(), kTileK, q_tile, ldq, 1.0f, dk_head + j0 * ldq, ldq);
     }
   }
+}
+
+// ---- bfloat16 products (cpu_bf16_gemm.h) --------------------------------------------------------
+// q, dout and out are head-major, (batch, heads, seq_q, dim), so a query tile is a contiguous block;
+// K and V are packed once per kv head as the B operand of every product that reads them.
+
+struct KvPacks {  // one kv head
+  std::vector<uint16_t> k_t, v_t;  // op(B) = K^T, V^T: (dim x seq_k), for the scores and dP
+  std::vector<uint16_t> k, v;      // op(B) = K, V: (seq_k x dim), for dQ and the out product
+  PackedB kt_b, vt_b, k_b, v_b;
+};
+
+// Packs what `fwd` (K^T, V) or the backward (K^T, V^T, K) needs, for every (batch, kv head).
+std::vector<KvPacks> pack_kv(const AttentionProblem& p, const bf16* k, const bf16* v, bool fwd) {
+  std::vector<KvPacks> packs(p.batch * p.kv_heads);
+  const int64_t d = p.dim, ld = p.kv_stride();
+  parallel_tasks(p.batch * p.kv_heads, [&](int64_t bh, int64_t) {
+    const int64_t offset = bh / p.kv_heads * p.seq_k * ld + bh % p.kv_heads * d;
+    KvPacks& kv = packs[bh];
+    auto pack = [&](bool trans, const bf16* x, std::vector<uint16_t>& buffer, PackedB& packed) {
+      const int64_t rows = trans ? d : p.seq_k, cols = trans ? p.seq_k : d;
+      buffer.resize(packed_b_size(rows, cols));
+      packed = pack_b(trans, rows, cols, x + offset, ld, buffer.data());
+    };
+    pack(true, k, kv.k_t, kv.kt_b);
+    if (fwd) {
+      pack(false, v, kv.v, kv.v_b);
+    } else {
+      pack(true, v, kv.v_t, kv.vt_b);
+      pack(false, k, kv.k, kv.k_b);
+    }
+  });
+  return packs;
+}
+
+// Scratch of one worker for the bfloat16 path.
+struct Bf16Workspace {
+  std::vector<float> scores, dscores, acc, dk_t, dv_t;
+  std::vector<uint16_t> lo, lo_b;  // a float32 tile rounded to bfloat16: as an A operand and packed as B
+  explicit Bf16Workspace(int64_t tile_q)
+      : scores(tile_q * kTileK), dscores(tile_q * kTileK), lo(tile_q * (kTileK + 1)),
+        lo_b(packed_b_size(tile_q, kTileK)) {}
+};
+
+// A float32 tile (rows x width, leading dimension kTileK) rounded to bfloat16: row-major with an
+// even leading dimension (zero column where width is odd), and, when `packed` is given, also packed
+// as the B operand of a product over its rows.
+LT_VECTOR_CLONES
+void round_tile(const float* __restrict src, int64_t rows, int64_t width, uint16_t* __restrict a, int64_t lda,
+                uint16_t* __restrict packed) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) a[r * lda + j] = c10::BFloat16(src[r * kTileK + j]).x;
+    if (lda > width) a[r * lda + width] = 0;
+  }
+  if (!packed) return;
+  const int64_t n16 = round16(width);
+  for (int64_t r = 0; r < rows; r += 2) {
+    uint16_t* row = packed + r / 2 * 2 * n16;
+    const uint16_t *r0 = a + r * lda, *r1 = a + (r + 1) * lda;
+    const bool odd_tail = r + 1 >= rows;
+    for (int64_t j = 0; j < width; ++j) {
+      row[2 * j] = r0[j];
+      row[2 * j + 1] = odd_tail ? 0 : r1[j];
+    }
+    for (int64_t j = 2 * width; j < 2 * n16; ++j) row[j] = 0;
+  }
+}
+
+void forward_tile_bf16(const AttentionProblem& p, const bf16* q, const KvPacks& kv, bf16* out, float* lse, int64_t b,
+                       int64_t h, int64_t i0, Bf16Workspace& ws) {
+  const int64_t rows = std::min(p.tile_q, p.seq_q - i0), d = p.dim, ldo = p.q_stride();
+  const uint16_t* q_tile = reinterpret_cast<const uint16_t*>(q) + ((b * p.heads + h) * p.seq_q + i0) * d;
+  ws.acc.assign(rows * d, 0.0f);
+  float row_max[kMaxTileQ], row_sum[kMaxTileQ];
+  std::fill(row_max, row_max + rows, kNegInf);
+  std::fill(row_sum, row_sum + rows, 0.0f);
+  const int64_t end = p.key_end(i0 + rows);
+  for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
+    const int64_t width = std::min(kTileK, end - j0), w2 = (width + 1) / 2 * 2;
+    bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, ws.scores.data(), kTileK);
+    softmax_tile(p, rows, i0, j0, width, ws.scores.data(), row_max, row_sum, ws.acc.data(), d);
+    round_tile(ws.scores.data(), rows, width, ws.lo.data(), w2, nullptr);
+    bf16_gemm_packed(rows, d, w2, 1.0f, ws.lo.data(), w2, kv.v_b.rows(j0), 1.0f, ws.acc.data(), d);
+  }
+  finish_rows(rows, d, ws.acc.data(), d, row_max, row_sum, out + (b * p.seq_q + i0) * ldo + h * d, ldo,
+              lse + (b * p.heads + h) * p.seq_q + i0);
+}
+
+// Inputs of the bfloat16 backward: head-major q, dout, out; q^T and dout^T as (batch, heads, dim,
+// seq_q2) with seq_q2 = seq_q rounded up to even (zero column), the A operands of dK^T and dV^T.
+struct Bf16Backward {
+  const bf16 *q, *dout, *out, *q_t, *dout_t;
+  int64_t seq_q2;
+};
+
+void backward_head_bf16(const AttentionProblem& p, const Bf16Backward& x, const KvPacks& kv, const AttentionGrads& g,
+                        int64_t b, int64_t h, Bf16Workspace& ws) {
+  const int64_t d = p.dim, ldg = p.q_stride(), bh = b * p.heads + h, row0 = bh * p.seq_q;
+  auto as_bits = [](const bf16* x) { return reinterpret_cast<const uint16_t*>(x); };
+  const uint16_t *q_head = as_bits(x.q) + row0 * d, *do_head = as_bits(x.dout) + row0 * d;
+  const uint16_t *qt_head = as_bits(x.q_t) + bh * d * x.seq_q2, *dot_head = as_bits(x.dout_t) + bh * d * x.seq_q2;
+  // dK^T and dV^T of this head, (dim, seq_k): their products then write rows, not columns.
+  ws.dk_t.assign(d * p.seq_k, 0.0f);
+  ws.dv_t.assign(d * p.seq_k, 0.0f);
+  float delta[kMaxTileQ];
+  for (int64_t i0 = 0; i0 < p.seq_q; i0 += p.tile_q) {
+    const int64_t rows = std::min(p.tile_q, p.seq_q - i0), rows2 = (rows + 1) / 2 * 2;
+    const uint16_t *q_tile = q_head + i0 * d, *do_tile = do_head + i0 * d;
+    float* dq_tile = g.dq + (b * p.seq_q + i0) * ldg + h * d;
+    row_deltas(rows, d, x.dout + (row0 + i0) * d, d, x.out + (row0 + i0) * d, d, g.dlse ? g.dlse + row0 + i0 : nullptr,
+               delta);
+    const int64_t end = p.key_end(i0 + rows);
+    for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
+      const int64_t width = std::min(kTileK, end - j0), w2 = (width + 1) / 2 * 2;
+      float *probs = ws.scores.data(), *dprobs = ws.dscores.data();
+      const PackedB lo_b{ws.lo_b.data(), 2 * round16(width)};
+      bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, probs, kTileK);
+      for (int64_t r = 0; r < rows; ++r)
+        probabilities_row(probs + r * kTileK, p.visible(i0 + r, j0, width), width, g.lse[row0 + i0 + r]);
+      round_tile(probs, rows, width, ws.lo.data(), w2, ws.lo_b.data());
+      bf16_gemm_packed(d, width, rows2, 1.0f, dot_head + i0, x.seq_q2, lo_b, 1.0f, ws.dv_t.data() + j0, p.seq_k);
+      bf16_gemm_packed(rows, width, d, 1.0f, do_tile, d, kv.vt_b.columns(j0), 0.0f, dprobs, kTileK);
+      for (int64_t r = 0; r < rows; ++r) score_grad_row(probs + r * kTileK, dprobs + r * kTileK, width, delta[r]);
+      round_tile(dprobs, rows, width, ws.lo.data(), w2, ws.lo_b.data());
+      bf16_gemm_packed(rows, d, w2, p.scale, ws.lo.data(), w2, kv.k_b.rows(j0), 1.0f, dq_tile, ldg);
+      bf16_gemm_packed(d, width, rows2, p.scale, qt_head + i0, x.seq_q2, lo_b, 1.0f, ws.dk_t.data() + j0, p.seq_k);
+    }
+  }
+  float* dk_head = g.dk + b * p.seq_k * ldg + h * d;
+  float* dv_head = g.dv + b * p.seq_k * ldg + h * d;
+  for (int64_t j = 0; j < p.seq_k; ++j)
+    for (int64_t c = 0; c < d; ++c) {
+      dk_head[j * ldg + c] = ws.dk_t[c * p.seq_k + j];
+      dv_head[j * ldg + c] = ws.dv_t[c * p.seq_k + j];
+    }
 }
 
 AttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
@@ -225,20 +385,52 @@ AttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at
   return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, static_cast<float>(scale), tile_q};
 }
 
+// bfloat16 products for bfloat16 inputs with an even head dim where the CPU has them natively;
+// LONGTRAIN_CPU_BF16_GEMM=0/1 overrides (read per call, so tests can run both paths in one process).
+bool use_bf16_gemm(const AttentionProblem& p, std::initializer_list<at::Tensor> inputs) {
+  for (const auto& x : inputs)
+    if (x.scalar_type() != at::kBFloat16) return false;
+  if (p.dim % 2 != 0) return false;
+  const char* env = std::getenv("LONGTRAIN_CPU_BF16_GEMM");
+  if (env && *env) return env[0] != '0';
+  return cpu_has_bf16_dot();
+}
+
 at::Tensor as_float(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+at::Tensor as_bf16(const at::Tensor& x) { return x.to(at::kBFloat16).contiguous(); }
+at::Tensor head_major(const at::Tensor& x) { return x.to(at::kBFloat16).transpose(1, 2).contiguous(); }
+
+// (batch, seq, heads, dim) -> (batch, heads, dim, seq rounded up to even), zero-padded.
+at::Tensor dim_major(const at::Tensor& x) {
+  const int64_t seq = x.size(1), seq2 = (seq + 1) / 2 * 2;
+  at::Tensor out = at::zeros({x.size(0), x.size(2), x.size(3), seq2}, x.options().dtype(at::kBFloat16));
+  out.narrow(3, 0, seq).copy_(x.permute({0, 2, 3, 1}));
+  return out;
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, bool causal, double scale) {
   const AttentionProblem p = make_problem(q_in, k_in, v_in, causal, scale);
+  at::Tensor lse = at::empty({p.batch, p.heads, p.seq_q}, q_in.options().dtype(at::kFloat));
+  const int64_t tiles = (p.seq_q + p.tile_q - 1) / p.tile_q, heads = p.batch * p.heads, tasks = heads * tiles;
+  // Tasks run last query tiles first: under a causal mask they see the most keys.
+  if (use_bf16_gemm(p, {q_in, k_in, v_in})) {
+    at::Tensor q = head_major(q_in), k = as_bf16(k_in), v = as_bf16(v_in);
+    at::Tensor out = at::empty(q_in.sizes(), q_in.options().dtype(at::kBFloat16));
+    const std::vector<KvPacks> kv = pack_kv(p, k.data_ptr<bf16>(), v.data_ptr<bf16>(), true);
+    std::vector<Bf16Workspace> ws(task_workers(tasks), Bf16Workspace(p.tile_q));
+    parallel_tasks(tasks, [&](int64_t task, int64_t worker) {
+      const int64_t bh = task % heads, b = bh / p.heads, h = bh % p.heads, tile = tiles - 1 - task / heads;
+      forward_tile_bf16(p, q.data_ptr<bf16>(), kv[b * p.kv_heads + h / (p.heads / p.kv_heads)], out.data_ptr<bf16>(),
+                        lse.data_ptr<float>(), b, h, tile * p.tile_q, ws[worker]);
+    });
+    return {out, lse};
+  }
   at::Tensor q = as_float(q_in), k = as_float(k_in), v = as_float(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({p.batch, p.heads, p.seq_q}, q.options());
-  const int64_t tiles = (p.seq_q + p.tile_q - 1) / p.tile_q;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  const int64_t heads = p.batch * p.heads, tasks = heads * tiles;
   std::vector<std::vector<float>> scores(task_workers(tasks), std::vector<float>(p.tile_q * kTileK));
-  // Last query tiles first: under a causal mask they see the most keys.
   parallel_tasks(tasks, [&](int64_t task, int64_t worker) {
     const int64_t bh = task % heads, tile = tiles - 1 - task / heads;
     forward_tile(p, qp, kp, vp, op, lp, bh / p.heads, bh % p.heads, tile * p.tile_q, scores[worker]);
@@ -252,19 +444,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                                                                  const std::optional<at::Tensor>& dlse,
                                                                  bool causal, double scale) {
   const AttentionProblem p = make_problem(q_in, k_in, v_in, causal, scale);
-  at::Tensor q = as_float(q_in), k = as_float(k_in), v = as_float(v_in);
-  at::Tensor dout_f = as_float(dout), out_f = as_float(out), lse_f = as_float(lse), dlse_f;
+  at::Tensor lse_f = as_float(lse), dlse_f;
   if (dlse && dlse->defined()) dlse_f = as_float(*dlse);
-  at::Tensor dq = at::zeros(q.sizes(), q.options());
-  at::Tensor dk = at::zeros({p.batch, p.seq_k, p.heads, p.dim}, q.options()), dv = at::zeros_like(dk);
-  AttentionGrads g{dout_f.data_ptr<float>(), out_f.data_ptr<float>(), lse_f.data_ptr<float>(),
-                   dlse_f.defined() ? dlse_f.data_ptr<float>() : nullptr, dq.data_ptr<float>(), dk.data_ptr<float>(),
-                   dv.data_ptr<float>()};
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  parallel_tasks(p.batch * p.heads, [&](int64_t bh, int64_t) {
-    std::vector<float> probs(p.tile_q * kTileK), dprobs(p.tile_q * kTileK);
-    backward_head(p, qp, kp, vp, g, bh / p.heads, bh % p.heads, probs, dprobs);
-  });
+  auto fopts = q_in.options().dtype(at::kFloat);
+  at::Tensor dq = at::zeros(q_in.sizes(), fopts);
+  at::Tensor dk = at::zeros({p.batch, p.seq_k, p.heads, p.dim}, fopts), dv = at::zeros_like(dk);
+  AttentionGrads g{lse_f.data_ptr<float>(), dlse_f.defined() ? dlse_f.data_ptr<float>() : nullptr,
+                   dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>()};
+  if (use_bf16_gemm(p, {q_in, k_in, v_in})) {
+    at::Tensor q = head_major(q_in), d_out = head_major(dout), o = head_major(out);
+    at::Tensor q_t = dim_major(q_in), dout_t = dim_major(dout), k = as_bf16(k_in), v = as_bf16(v_in);
+    const std::vector<KvPacks> kv = pack_kv(p, k.data_ptr<bf16>(), v.data_ptr<bf16>(), false);
+    const Bf16Backward x{q.data_ptr<bf16>(), d_out.data_ptr<bf16>(), o.data_ptr<bf16>(), q_t.data_ptr<bf16>(),
+                         dout_t.data_ptr<bf16>(), q_t.size(3)};
+    std::vector<Bf16Workspace> ws(task_workers(p.batch * p.heads), Bf16Workspace(p.tile_q));
+    parallel_tasks(p.batch * p.heads, [&](int64_t bh, int64_t worker) {
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      backward_head_bf16(p, x, kv[b * p.kv_heads + h / (p.heads / p.kv_heads)], g, b, h, ws[worker]);
+    });
+  } else {
+    at::Tensor q = as_float(q_in), k = as_float(k_in), v = as_float(v_in), d_out = as_float(dout), o = as_float(out);
+    parallel_tasks(p.batch * p.heads, [&](int64_t bh, int64_t) {
+      std::vector<float> probs(p.tile_q * kTileK), dprobs(p.tile_q * kTileK);
+      backward_head(p, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), d_out.data_ptr<float>(),
+                    o.data_ptr<float>(), g, bh / p.heads, bh % p.heads, probs, dprobs);
+    });
+  }
   const int64_t group = p.heads / p.kv_heads;
   if (group > 1) {
     dk = dk.view({p.batch, p.seq_k, p.kv_heads, group, p.dim}).sum(3);

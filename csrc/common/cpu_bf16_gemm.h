@@ -1,0 +1,202 @@
+// bfloat16 x bfloat16 -> float32 matrix products for the CPU kernels, accumulated in float32.
+//
+// Products of two bfloat16 numbers are exact in float32, so with float32 accumulation the result is
+// what a float32 matmul of the upcast inputs gives, up to summation order, at the bfloat16 rate of
+// the CPU: AVX512-BF16's vdpbf16ps multiplies two pairs of bfloat16 and adds both into a float32
+// lane, 32 products per instruction, twice the float32 FMA count. Neither torch nor the BLAS it links
+// exports such a product for the CPU: at::mm rounds the result to bfloat16, and MKL's
+// cblas_gemm_bf16bf16f32 does not use AVX512-BF16 on other vendors' CPUs (measured: no faster than
+// sgemm). Without AVX512-BF16 the same contract runs as plain float32 loops (correct, not fast).
+//
+// Layout (the one vdpbf16ps wants, "VNNI"): A row-major with k contiguous and even; B packed as
+// (k / 2, n16, 2) with n16 = n rounded up to 16: the two k-values of each column side by side.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define LT_HAS_X86 1
+#define LT_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#else
+#define LT_HAS_X86 0
+#endif
+
+namespace longtrain {
+
+using bf16 = c10::BFloat16;
+
+inline bool cpu_has_bf16_dot() {
+#if LT_HAS_X86
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// op(B) packed: k-pair p of column j at data[p * ld + 2 * j], data[p * ld + 2 * j + 1]. Columns from
+// j0 on are `columns(j0)`, rows from an even k0 on are `rows(k0)`.
+struct PackedB {
+  const uint16_t* data;
+  int64_t ld;
+  PackedB columns(int64_t j0) const { return {data + 2 * j0, ld}; }
+  PackedB rows(int64_t k0) const { return {data + k0 / 2 * ld, ld}; }
+};
+
+// uint16 elements that pack_b writes for op(B)[k, n].
+inline int64_t packed_b_size(int64_t k, int64_t n) { return (k + 1) / 2 * round16(n) * 2; }
+
+// op(B)[k, n] (op = transpose when trans_b; row-major, leading dimension ldb) into `out`, laid out as
+// (ceil(k / 2), round16(n), 2) with zeros where k is odd and beyond n.
+inline PackedB pack_b(bool trans_b, int64_t k, int64_t n, const bf16* b, int64_t ldb, uint16_t* out) {
+  const int64_t pairs = (k + 1) / 2, n16 = round16(n);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(b);
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    uint16_t* row = out + kp * n16 * 2;
+    const int64_t k0 = 2 * kp;
+    const bool odd_tail = k0 + 1 >= k;
+    if (trans_b) {  // B^T is stored: column j of op(B) is row j of the buffer, its k-pair adjacent
+      for (int64_t j = 0; j < n; ++j) {
+        row[2 * j] = src[j * ldb + k0];
+        row[2 * j + 1] = odd_tail ? 0 : src[j * ldb + k0 + 1];
+      }
+    } else {
+      const uint16_t *r0 = src + k0 * ldb, *r1 = src + (k0 + 1) * ldb;
+      for (int64_t j = 0; j < n; ++j) {
+        row[2 * j] = r0[j];
+        row[2 * j + 1] = odd_tail ? 0 : r1[j];
+      }
+    }
+    std::fill(row + 2 * n, row + 2 * n16, uint16_t{0});
+  }
+  return {out, 2 * n16};
+}
+
+// op(A)[m, k] into (m, k2) with k2 = k rounded up to even, a zero column where k is odd; returned as
+// is when it already has that form.
+inline const uint16_t* pack_a(bool trans_a, int64_t m, int64_t k, const bf16* a, int64_t lda,
+                              std::vector<uint16_t>& buffer, int64_t& ld) {
+  const int64_t k2 = (k + 1) / 2 * 2;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(a);
+  if (!trans_a && k2 == k) {
+    ld = lda;
+    return src;
+  }
+  buffer.resize(std::max<size_t>(buffer.size(), m * k2));
+  uint16_t* out = buffer.data();
+  for (int64_t i = 0; i < m; ++i) out[i * k2 + k2 - 1] = 0;
+  if (trans_a) {  // a transpose, in 16 x 16 blocks so that reads and writes both stay in a few cache lines
+    for (int64_t k0 = 0; k0 < k; k0 += 16)
+      for (int64_t i0 = 0; i0 < m; i0 += 16) {
+        const int64_t k1 = std::min(k, k0 + 16), i1 = std::min(m, i0 + 16);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t kk = k0; kk < k1; ++kk) out[i * k2 + kk] = src[kk * lda + i];
+      }
+  } else {
+    for (int64_t i = 0; i < m; ++i) std::memcpy(out + i * k2, src + i * lda, k * sizeof(uint16_t));
+  }
+  ld = k2;
+  return out;
+}
+
+#if LT_HAS_X86
+// R rows x NV vectors of 16 columns of C = alpha * A @ B + beta * C; masks select the valid columns.
+template <int R, int NV>
+LT_BF16_TARGET void bf16_tile(int64_t pairs, const uint16_t* a, int64_t lda, const uint16_t* bp, int64_t ldbp,
+                              float* c, int64_t ldc, float alpha, float beta, __mmask16 mask0, __mmask16 mask1) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(bp + kp * ldbp + 32 * v);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * kp, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, b[v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 mask = v == 0 ? mask0 : mask1;
+      float* out = c + r * ldc + 16 * v;
+      __m512 result = _mm512_mul_ps(acc[r][v], va);
+      if (beta != 0.0f) result = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, out), vb, result);
+      _mm512_mask_storeu_ps(out, mask, result);
+    }
+}
+
+constexpr int kBf16Rows = 12;  // 12 x 2 accumulators + 2 B vectors + 1 broadcast of A: 27 of 32 registers
+
+using Bf16TileFn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, float, float,
+                            __mmask16, __mmask16);
+
+template <int NV, size_t... R>
+constexpr std::array<Bf16TileFn, sizeof...(R)> bf16_tiles(std::index_sequence<R...>) {
+  return {&bf16_tile<static_cast<int>(R) + 1, NV>...};
+}
+#endif
+
+// C[m, n] (float32, leading dimension ldc) = alpha * A @ B + beta * C, A (m, k2) row-major with k2
+// even, B packed by pack_b.
+inline void bf16_gemm_packed(int64_t m, int64_t n, int64_t k2, float alpha, const uint16_t* a, int64_t lda, PackedB b,
+                             float beta, float* c, int64_t ldc) {
+  const int64_t pairs = k2 / 2;
+#if LT_HAS_X86
+  if (cpu_has_bf16_dot()) {
+    static const auto one = bf16_tiles<1>(std::make_index_sequence<kBf16Rows>());
+    static const auto two = bf16_tiles<2>(std::make_index_sequence<kBf16Rows>());
+    for (int64_t j0 = 0; j0 < n; j0 += 32) {
+      const int64_t cols = std::min<int64_t>(32, n - j0);
+      const __mmask16 mask0 = cols >= 16 ? 0xFFFF : (1u << cols) - 1;
+      const __mmask16 mask1 = cols >= 32 ? 0xFFFF : cols > 16 ? (1u << (cols - 16)) - 1 : 0;
+      const auto& tiles = cols > 16 ? two : one;
+      for (int64_t i0 = 0; i0 < m; i0 += kBf16Rows) {
+        const int64_t rows = std::min<int64_t>(kBf16Rows, m - i0);
+        tiles[rows - 1](pairs, a + i0 * lda, lda, b.data + 2 * j0, b.ld, c + i0 * ldc + j0, ldc, alpha, beta, mask0,
+                        mask1);
+      }
+    }
+    return;
+  }
+#endif
+  std::vector<float> row(n);
+  for (int64_t i = 0; i < m; ++i) {
+    std::fill(row.begin(), row.end(), 0.0f);
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      const float a0 = c10::detail::f32_from_bits(a[i * lda + 2 * kp]);
+      const float a1 = c10::detail::f32_from_bits(a[i * lda + 2 * kp + 1]);
+      const uint16_t* bp = b.data + kp * b.ld;
+      for (int64_t j = 0; j < n; ++j)
+        row[j] += a0 * c10::detail::f32_from_bits(bp[2 * j]) + a1 * c10::detail::f32_from_bits(bp[2 * j + 1]);
+    }
+    float* out = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) out[j] = alpha * row[j] + (beta == 0.0f ? 0.0f : beta * out[j]);
+  }
+}
+
+// Row-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, op(X) = X^T when the flag is set;
+// A and B bfloat16, C float32. Packs both operands into the buffers given (which only grow).
+inline void bf16_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const bf16* a,
+                      int64_t lda, const bf16* b, int64_t ldb, float beta, float* c, int64_t ldc,
+                      std::vector<uint16_t>& a_buffer, std::vector<uint16_t>& b_buffer) {
+  int64_t ld_a;
+  const uint16_t* ap = pack_a(trans_a, m, k, a, lda, a_buffer, ld_a);
+  b_buffer.resize(std::max<size_t>(b_buffer.size(), packed_b_size(k, n)));
+  const PackedB bp = pack_b(trans_b, k, n, b, ldb, b_buffer.data());
+  bf16_gemm_packed(m, n, (k + 1) / 2 * 2, alpha, ap, ld_a, bp, beta, c, ldc);
+}
+
+}  // namespace longtrain
