@@ -282,30 +282,6 @@ struct Bf16Workspace {
         lo_b(packed_b_size(tile_q, kTileK)) {}
 };
 
-// A float32 tile (rows x width, leading dimension kTileK) rounded to bfloat16: row-major with an
-// even leading dimension (zero column where width is odd), and, when `packed` is given, also packed
-// as the B operand of a product over its rows.
-LT_VECTOR_CLONES
-void round_tile(const float* __restrict src, int64_t rows, int64_t width, uint16_t* __restrict a, int64_t lda,
-                uint16_t* __restrict packed) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < width; ++j) a[r * lda + j] = c10::BFloat16(src[r * kTileK + j]).x;
-    if (lda > width) a[r * lda + width] = 0;
-  }
-  if (!packed) return;
-  const int64_t n16 = round16(width);
-  for (int64_t r = 0; r < rows; r += 2) {
-    uint16_t* row = packed + r / 2 * 2 * n16;
-    const uint16_t *r0 = a + r * lda, *r1 = a + (r + 1) * lda;
-    const bool odd_tail = r + 1 >= rows;
-    for (int64_t j = 0; j < width; ++j) {
-      row[2 * j] = r0[j];
-      row[2 * j + 1] = odd_tail ? 0 : r1[j];
-    }
-    for (int64_t j = 2 * width; j < 2 * n16; ++j) row[j] = 0;
-  }
-}
-
 void forward_tile_bf16(const AttentionProblem& p, const bf16* q, const KvPacks& kv, bf16* out, float* lse, int64_t b,
                        int64_t h, int64_t i0, Bf16Workspace& ws) {
   const int64_t rows = std::min(p.tile_q, p.seq_q - i0), d = p.dim, ldo = p.q_stride();
@@ -319,7 +295,7 @@ void forward_tile_bf16(const AttentionProblem& p, const bf16* q, const KvPacks& 
     const int64_t width = std::min(kTileK, end - j0), w2 = (width + 1) / 2 * 2;
     bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, ws.scores.data(), kTileK);
     softmax_tile(p, rows, i0, j0, width, ws.scores.data(), row_max, row_sum, ws.acc.data(), d);
-    round_tile(ws.scores.data(), rows, width, ws.lo.data(), w2, nullptr);
+    round_to_bf16(ws.scores.data(), kTileK, rows, width, ws.lo.data(), w2, nullptr);
     bf16_gemm_packed(rows, d, w2, 1.0f, ws.lo.data(), w2, kv.v_b.rows(j0), 1.0f, ws.acc.data(), d);
   }
   finish_rows(rows, d, ws.acc.data(), d, row_max, row_sum, out + (b * p.seq_q + i0) * ldo + h * d, ldo,
@@ -357,11 +333,11 @@ void backward_head_bf16(const AttentionProblem& p, const Bf16Backward& x, const 
       bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, probs, kTileK);
       for (int64_t r = 0; r < rows; ++r)
         probabilities_row(probs + r * kTileK, p.visible(i0 + r, j0, width), width, g.lse[row0 + i0 + r]);
-      round_tile(probs, rows, width, ws.lo.data(), w2, ws.lo_b.data());
+      round_to_bf16(probs, kTileK, rows, width, ws.lo.data(), w2, ws.lo_b.data());
       bf16_gemm_packed(d, width, rows2, 1.0f, dot_head + i0, x.seq_q2, lo_b, 1.0f, ws.dv_t.data() + j0, p.seq_k);
       bf16_gemm_packed(rows, width, d, 1.0f, do_tile, d, kv.vt_b.columns(j0), 0.0f, dprobs, kTileK);
       for (int64_t r = 0; r < rows; ++r) score_grad_row(probs + r * kTileK, dprobs + r * kTileK, width, delta[r]);
-      round_tile(dprobs, rows, width, ws.lo.data(), w2, ws.lo_b.data());
+      round_to_bf16(dprobs, kTileK, rows, width, ws.lo.data(), w2, ws.lo_b.data());
       bf16_gemm_packed(rows, d, w2, p.scale, ws.lo.data(), w2, kv.k_b.rows(j0), 1.0f, dq_tile, ldg);
       bf16_gemm_packed(d, width, rows2, p.scale, qt_head + i0, x.seq_q2, lo_b, 1.0f, ws.dk_t.data() + j0, p.seq_k);
     }
