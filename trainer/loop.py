@@ -309,10 +309,12 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch) 
                 with torch.no_grad():
                     accuracy = answer_accuracy(model, task_eval_batches(eval_set, recipe.train.micro_batch_size,
                                                                         recipe.train.eval_batches, answer_only=True))
-                log.write({"step": step, "eval_accuracy": accuracy["sample_accuracy"]})
-                reported["eval_accuracy"] = accuracy["sample_accuracy"]
-                log.print(f"step {step:>6}/{recipe.train.steps} | eval {recipe.data.task} accuracy "
-                          f"{accuracy['sample_accuracy']:.3f}")
+                # The task's usual measure: whole passkeys; for MQAR, recalled values (Arora et al. 2023).
+                headline = accuracy["sample_accuracy" if recipe.data.task == "passkey" else "token_accuracy"]
+                log.write({"step": step, "eval_accuracy": headline, "eval_token_accuracy": accuracy["token_accuracy"],
+                           "eval_sample_accuracy": accuracy["sample_accuracy"]})
+                reported["eval_accuracy"] = headline
+                log.print(f"step {step:>6}/{recipe.train.steps} | eval {recipe.data.task} accuracy {headline:.3f}")
         watch.phase = f"checkpoint at step {step}"
         if step % recipe.checkpoint.interval == 0 or step == recipe.train.steps:
             saved = save_checkpoint(step)
