@@ -6,8 +6,8 @@ max|fast - gold| <= 2 max|base - gold| + atol, atol = 1e-5 * max|gold|.
 The reference computes bfloat16 inputs in float32, so a bfloat16 csrc run must match a float32
 computation of its inputs to within twice the error of rounding the results to bfloat16.
 bfloat16 runs both CPU paths. With products in float32 every result meets that rule. With bfloat16
-products and float32 accumulation (LONGTRAIN_CPU_BF16_GEMM=1; AVX512-BF16 where the CPU has it,
-plain loops otherwise) out and lse meet it too; the input gradients, for which P and dS are rounded
+products and float32 accumulation (LONGTRAIN_CPU_BF16_GEMM=1: AVX512-BF16 where the CPU has it,
+portable loops otherwise; "portable": those loops everywhere) out and lse meet it too; the input gradients, for which P and dS are rounded
 to bfloat16 before their products as in flash-attn, meet flash-attn's own rule: base is then the
 reference with bfloat16 products (a plain PyTorch attention in bfloat16).
 """
@@ -80,6 +80,7 @@ PATHS = [  # dtype, LONGTRAIN_CPU_BF16_GEMM
     pytest.param(torch.float32, None, id="float32"),
     pytest.param(torch.bfloat16, "0", id="bfloat16-f32-products"),
     pytest.param(torch.bfloat16, "1", id="bfloat16-bf16-products"),
+    pytest.param(torch.bfloat16, "portable", id="bfloat16-bf16-products-portable"),
 ]
 
 
@@ -89,12 +90,14 @@ PATHS = [  # dtype, LONGTRAIN_CPU_BF16_GEMM
 def test_attention_matches_float64_reference(shape, causal, dtype, bf16_gemm, monkeypatch):
     if bf16_gemm is not None:
         monkeypatch.setenv("LONGTRAIN_CPU_BF16_GEMM", bf16_gemm)
-    check_against_gold(*shape, causal=causal, dtype=dtype, seed=sum(shape) + causal, bf16_products=bf16_gemm == "1")
+    check_against_gold(*shape, causal=causal, dtype=dtype, seed=sum(shape) + causal,
+                       bf16_products=bf16_gemm in ("1", "portable"))
 
 
-def test_bf16_products_odd_lengths_and_tiles(monkeypatch):
+@pytest.mark.parametrize("mode", ["1", "portable"])
+def test_bf16_products_odd_lengths_and_tiles(mode, monkeypatch):
     """Odd query and key counts (zero-padded k-pairs), tiles of 256 rows and a partial 512-key tile."""
-    monkeypatch.setenv("LONGTRAIN_CPU_BF16_GEMM", "1")
+    monkeypatch.setenv("LONGTRAIN_CPU_BF16_GEMM", mode)
     check_against_gold(2, 777, 1031, 4, 2, 64, causal=True, dtype=torch.bfloat16, seed=5, bf16_products=True)
     check_against_gold(1, 33, 17, 2, 1, 16, causal=False, dtype=torch.bfloat16, seed=6, bf16_products=True)
 
@@ -104,7 +107,8 @@ def test_bf16_products_odd_lengths_and_tiles(monkeypatch):
 def test_attention_long_sequence(dtype, bf16_gemm, monkeypatch):
     if bf16_gemm is not None:
         monkeypatch.setenv("LONGTRAIN_CPU_BF16_GEMM", bf16_gemm)
-    check_against_gold(1, 1500, 1700, 4, 2, 64, causal=True, dtype=dtype, seed=1, bf16_products=bf16_gemm == "1")
+    check_against_gold(1, 1500, 1700, 4, 2, 64, causal=True, dtype=dtype, seed=1,
+                       bf16_products=bf16_gemm in ("1", "portable"))
 
 
 def test_default_scale_and_output_only():

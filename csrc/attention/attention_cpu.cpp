@@ -12,7 +12,7 @@
 // scores, the online softmax, the log-sum-exp and every accumulator (out, dq, dk, dv) are float32, and
 // only P and dS are rounded to bfloat16 before they multiply V, dO, K and Q. Other inputs, and
 // bfloat16 on CPUs without it, are computed in float32 (LONGTRAIN_CPU_BF16_GEMM=0/1 forces either
-// path; 1 without AVX512-BF16 is correct but slow, for tests). Causal masks are bottom-right aligned as in
+// path; 1 without AVX512-BF16, or "portable", runs portable loops: correct but slow, for tests). Causal masks are bottom-right aligned as in
 // flash-attn: query i sees key j when j <= i + seq_k - seq_q; a row that sees no key gets output 0
 // and lse -inf. Grouped-query attention: query head h reads K/V head h / (heads / kv_heads).
 #include <torch/extension.h>
@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../common/cpu_bf16_gemm.h"
@@ -361,14 +362,17 @@ AttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at
   return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, static_cast<float>(scale), tile_q};
 }
 
-// bfloat16 products for bfloat16 inputs with an even head dim where the CPU has them natively;
-// LONGTRAIN_CPU_BF16_GEMM=0/1 overrides (read per call, so tests can run both paths in one process).
+// bfloat16 products for bfloat16 inputs with an even head dim where the CPU has them natively.
+// LONGTRAIN_CPU_BF16_GEMM overrides: 0 off, 1 on, "portable" on through the portable loops (read per
+// call, so tests run every path in one process).
 bool use_bf16_gemm(const AttentionProblem& p, std::initializer_list<at::Tensor> inputs) {
   for (const auto& x : inputs)
     if (x.scalar_type() != at::kBFloat16) return false;
   if (p.dim % 2 != 0) return false;
   const char* env = std::getenv("LONGTRAIN_CPU_BF16_GEMM");
-  if (env && *env) return env[0] != '0';
+  const std::string mode = env ? env : "";
+  bf16_portable_only() = mode == "portable";
+  if (!mode.empty()) return mode != "0";
   return cpu_has_bf16_dot();
 }
 

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -41,6 +42,14 @@ inline bool cpu_has_bf16_dot() {
   return false;
 #endif
 }
+
+// Set to run the portable loops even where the CPU has AVX512-BF16 (so tests check them anywhere).
+inline std::atomic<bool>& bf16_portable_only() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+inline bool use_native_bf16() { return cpu_has_bf16_dot() && !bf16_portable_only().load(std::memory_order_relaxed); }
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -189,7 +198,7 @@ LT_BF16_TARGET inline void round_to_bf16_native(const float* src, int64_t lds, i
 inline void round_to_bf16(const float* src, int64_t lds, int64_t rows, int64_t width, uint16_t* a, int64_t lda,
                           uint16_t* packed) {
 #if LT_HAS_X86
-  if (cpu_has_bf16_dot()) return round_to_bf16_native(src, lds, rows, width, a, lda, packed);
+  if (use_native_bf16()) return round_to_bf16_native(src, lds, rows, width, a, lda, packed);
 #endif
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < width; ++j) a[r * lda + j] = c10::BFloat16(src[r * lds + j]).x;
@@ -215,7 +224,7 @@ inline void bf16_gemm_packed(int64_t m, int64_t n, int64_t k2, float alpha, cons
                              float beta, float* c, int64_t ldc) {
   const int64_t pairs = k2 / 2;
 #if LT_HAS_X86
-  if (cpu_has_bf16_dot()) {
+  if (use_native_bf16()) {
     static const auto one = bf16_tiles<1>(std::make_index_sequence<kBf16Rows>());
     static const auto two = bf16_tiles<2>(std::make_index_sequence<kBf16Rows>());
     // A block of rows stays in L1 while it meets every column block of B (from L2): measured 1.3x
