@@ -12,7 +12,8 @@ Scan peers: mamba-ssm's `selective_scan_ref` (loaded from an installed mamba_ssm
 source tree via --mamba-src, with its CUDA module and triton import stubbed; its backward grows
 with the square of the sequence, so it runs at L <= 512 only) and the step-by-step PyTorch loop
 of transformers' Mamba slow path (the same algorithm as kernels/scan.py's `reference`).
-Attention peers: torch SDPA (flash-style CPU kernel) and naive attention (`reference`).
+Attention peers: torch SDPA (flash-style CPU kernel) and naive attention (`reference`), in float32;
+then ours against SDPA in bfloat16, against the measured bfloat16 matmul rate.
 """
 from __future__ import annotations
 
@@ -100,7 +101,9 @@ def attention_point(impl: str, seq: int):
 
     b, h, hd = ATTENTION_SHAPE["batch"], ATTENTION_SHAPE["heads"], ATTENTION_SHAPE["head_dim"]
     g = torch.Generator().manual_seed(0)
-    leaves = [torch.randn(b, seq, h, hd, generator=g).requires_grad_() for _ in range(3)]
+    dtype = torch.bfloat16 if impl.endswith("-bf16") else torch.float32
+    impl = impl.removesuffix("-bf16")
+    leaves = [torch.randn(b, seq, h, hd, generator=g).to(dtype).requires_grad_() for _ in range(3)]
     q, k, v = leaves
     if impl == "ours":
         run = lambda: attention(q, k, v, causal=True, backend="csrc")
@@ -177,9 +180,9 @@ def memory_bandwidth() -> float:
     return 2 * src.numel() * 4 / best
 
 
-def matmul_flops() -> float:
-    """float32 FLOP/s of a 2048^3 matrix product, best of 10."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_flops(dtype=torch.float32) -> float:
+    """FLOP/s of a 2048^3 matrix product in `dtype`, best of 10."""
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     best = math.inf
     for _ in range(10):
         start = time.perf_counter()
@@ -227,10 +230,10 @@ def bench_op(op: str, plan: dict[int, list[tuple[str, int]]], mamba_src: str | N
     return results
 
 
-def report(op: str, results: dict, names: dict, limit_name: str, limit_time) -> None:
+def report(op: str, results: dict, names: dict, limit_name: str, limit_time, base: str = "ours") -> None:
     rows = []
     for seq in sorted({s for _, s in results}):
-        ours = results.get(("ours", seq), {})
+        ours = results.get((base, seq), {})
         for impl, label in names.items():
             r = results.get((impl, seq))
             if r is None:
@@ -238,8 +241,8 @@ def report(op: str, results: dict, names: dict, limit_name: str, limit_time) -> 
             if "error" in r:
                 rows.append([seq, label, "-", "-", "-", "-", r["error"][:60]])
                 continue
-            ratio = f"{r['total'] / ours['total']:.1f}x" if impl != "ours" and "total" in ours else ""
-            limit = f"{limit_time(seq) / r['total']:.1%} of {limit_name}" if impl == "ours" else ""
+            ratio = f"{r['total'] / ours['total']:.1f}x" if impl != base and "total" in ours else ""
+            limit = f"{limit_time(seq) / r['total']:.1%} of {limit_name}" if impl == base else ""
             rows.append([seq, label, fmt_time(r["fwd"]), fmt_time(r["bwd"]), fmt_time(r["total"]),
                          f"{r['peak_mb']:8.0f} MB", ratio or limit])
     print_table(f"{op}", rows, ["seq", "implementation", "forward", "backward", "fwd+bwd", "peak extra",
@@ -259,10 +262,10 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.point))))
         return
 
-    bandwidth, flops = memory_bandwidth(), matmul_flops()
+    bandwidth, flops, flops_bf16 = memory_bandwidth(), matmul_flops(), matmul_flops(torch.bfloat16)
     mamba_available = load_mamba_ref(args.mamba_src) is not None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measured copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s, float32 matmul {flops / 1e9:.0f} GFLOP/s")
+          f"{bandwidth / 1e9:.1f} GB/s, matmul float32 {flops / 1e9:.0f} GFLOP/s, bfloat16 {flops_bf16 / 1e9:.0f} GFLOP/s")
     quick = args.quick
     # seq -> [(implementation, repeats)]; mamba's reference backward is quadratic in the sequence.
     scan_plan = {256: [("ours", 3), ("loop", 2), ("mamba", 1)], 1024: [("ours", 3), ("loop", 2)]} if quick else {
@@ -287,6 +290,14 @@ def main() -> None:
            bench_op("attention", attention_plan, None, torch.get_num_threads()),
            {"ours": "ours (csrc)", "sdpa": "torch SDPA (flash CPU kernel)", "naive": "naive (materialised scores)"},
            "matmul FLOP/s", lambda seq: attention_flops(seq) / flops)
+    # bfloat16: ours multiplies bfloat16 with float32 accumulation where the CPU has AVX512-BF16.
+    bf16_plan = {seq: [(impl + "-bf16", repeats) for impl, repeats in impls if impl != "naive"]
+                 for seq, impls in attention_plan.items()}
+    report(f"attention fwd+bwd, causal, bfloat16, batch {ATTENTION_SHAPE['batch']}, heads {ATTENTION_SHAPE['heads']}, "
+           f"head_dim {ATTENTION_SHAPE['head_dim']}",
+           bench_op("attention", bf16_plan, None, torch.get_num_threads()),
+           {"ours-bf16": "ours (csrc)", "sdpa-bf16": "torch SDPA (flash CPU kernel)"},
+           "bfloat16 matmul FLOP/s", lambda seq: attention_flops(seq) / flops_bf16, base="ours-bf16")
 
 
 if __name__ == "__main__":
