@@ -1,0 +1,53 @@
+"""bench/train_throughput.py: a real (tiny) run end to end, and the ratio lines from known figures."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_prints_rows_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--models", "longtrain A",
+                           "--seq-lens", "64", "--steps", "1", "--precisions", "fp32,bf16", "--d-model", "32",
+                           "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "measured matmul peak" in proc.stdout and "bf16" in proc.stdout
+    data = json.loads(out.read_text())
+    rows = {r["precision"]: r for r in data["results"]}
+    assert set(rows) == {"fp32", "bf16"} and set(data["peak_flops"]) == {"fp32", "bf16"}
+    for precision, r in rows.items():
+        assert "error" not in r, r
+        assert r["tokens_per_s"] == r["seq_len"] / r["seconds_per_step"] > 0
+        assert r["seconds_per_step"] == min(r["cpu_seconds"])
+        assert abs(r["mfu"] - r["flops_per_token"] * r["tokens_per_s"] / data["peak_flops"][precision]) < 1e-9
+        assert 0 < r["mfu"] < 1.5
+
+
+def test_ratio_lines(capsys):
+    bench = load_bench()
+
+    def row(model, precision, tokens_per_s):
+        return {"model": model, "precision": precision, "seq_len": 4096, "tokens_per_s": tokens_per_s,
+                "activation_bytes": 2**20}
+    bench.print_ratios([row("longtrain A", "fp32", 2000.0), row("transformers Llama", "fp32", 1600.0),
+                        row("longtrain A", "bf16", 3600.0), row("transformers Llama", "bf16", 2400.0)])
+    lines = capsys.readouterr().out.splitlines()
+    assert any("4096 fp32:  1.25x" in line for line in lines)
+    assert any("4096 bf16:  1.50x" in line for line in lines)
+    assert not any("best" in line for line in lines)  # both are fastest in bf16: the bf16 line says it
+
+    bench.print_ratios([row("longtrain A", "bf16", 3000.0), row("transformers Llama", "fp32", 2000.0),
+                        row("transformers Llama", "bf16", 1500.0)])
+    best = [line for line in capsys.readouterr().out.splitlines() if "best" in line]
+    assert len(best) == 1 and "1.50x" in best[0] and "(bf16 vs fp32" in best[0]
