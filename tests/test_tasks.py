@@ -64,6 +64,16 @@ def test_mqar_targets_are_the_values_of_queried_keys():
         assert sorted(tokens[queries].tolist()) == sorted(pairs)
         for q in queries:
             assert tokens[q + 1] == pairs[tokens[q]]
+    # Batches carry the values as targets only: the input holds <pad> there.
+    inputs, targets = data.collate(range(4))
+    for row in range(4):
+        tokens, answer = data.sample(row)
+        queries = answer.nonzero()[0]
+        assert (targets[row][queries] == torch.from_numpy(tokens[queries + 1])).all()
+        assert (targets[row][~torch.from_numpy(answer)] == IGNORE).all()
+        assert (inputs[row][queries + 1] == 0).all() and (inputs[row][queries] == torch.from_numpy(tokens[queries])).all()
+        others = np.setdiff1d(np.arange(128), queries + 1)
+        assert (inputs[row][others] == torch.from_numpy(tokens[others])).all()
     with pytest.raises(LongtrainError, match="data.mqar.pairs"):
         MQAR(cfg.mqar.model_copy(update={"pairs": 30}))
 

@@ -83,7 +83,12 @@ class Passkey:
 
 
 class MQAR:
-    """k1 v1 k2 v2 .. kN vN, then <pad> filler with each key queried once: .. k_i v_i .. (targets: the values)."""
+    """k1 v1 k2 v2 .. kN vN, then <pad> filler with each key queried once: .. k_i v_i .. (targets: the values).
+
+    As in Zoology's generator, the model's input holds <pad> where a queried value stands: answers are
+    targets only, so a model cannot name a query's value by elimination among the values already
+    answered, and has to recall it from the pairs.
+    """
 
     def __init__(self, cfg):
         self.pairs, self.keys, self.values = cfg.pairs, cfg.keys, cfg.values
@@ -109,6 +114,10 @@ class MQAR:
 
     def loss_mask(self, answer_mask: np.ndarray) -> np.ndarray:
         return answer_mask
+
+    def hide_answers(self, inputs: np.ndarray, answer_mask: np.ndarray) -> None:
+        """<pad> over the values in the inputs (batch, seq); their targets stay."""
+        inputs[:, 1:][answer_mask[:, :-1]] = 0
 
 
 def make_task(data_cfg):
@@ -143,12 +152,15 @@ class TaskDataset:
 
     def collate(self, indices, answer_only: bool = False):
         """inputs, targets (batch, seq) int64; targets outside the loss (or the answer) are -100."""
-        rows, masks = zip(*(self.sample(i) for i in indices))
-        rows = torch.from_numpy(np.stack(rows))
-        masks = np.stack([m if answer_only else self.task.loss_mask(m) for m in masks])
-        targets = rows[:, 1:].clone()
+        rows, answers = zip(*(self.sample(i) for i in indices))
+        rows, answers = np.stack(rows), np.stack(answers)
+        masks = answers if answer_only else np.stack([self.task.loss_mask(m) for m in answers])
+        targets = torch.from_numpy(rows[:, 1:].copy())
         targets[~torch.from_numpy(masks)] = IGNORE
-        return rows[:, :-1].contiguous(), targets
+        inputs = rows[:, :-1].copy()
+        if hasattr(self.task, "hide_answers"):
+            self.task.hide_answers(inputs, answers)
+        return torch.from_numpy(inputs), targets
 
 
 class TaskLoader(DataLoader):
