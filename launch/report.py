@@ -57,7 +57,7 @@ def plot_report(run_dir: Path, out: Path | None = None) -> Path:
         steps, accuracy = series(records, "eval_accuracy")
         extra_ax.plot(steps, [100 * a for a in accuracy], marker="o", color="tab:green")
         extra_ax.set(xlabel="optimizer step", ylabel="held-out accuracy (%)", ylim=(-2, 102),
-                     title="Task accuracy (greedy; passkey: whole keys, MQAR: recalled values)")
+                     title="Task accuracy, greedy (passkey: whole keys, MQAR: values)")
     else:
         steps, lr = series(records, "lr")
         extra_ax.plot(steps, lr, color="tab:purple")
