@@ -1,7 +1,7 @@
 """Training throughput, MFU and peak memory by layer pattern and sequence length, side by side with
 same-size `transformers` models (Llama for attention, Mamba for Mamba) trained by a plain PyTorch loop.
 
-    python bench/train_throughput.py                                  # defaults: a few minutes on 2 cores
+    python bench/train_throughput.py                                  # every model, 256 to 8k tokens, fp32 and bf16
     python bench/train_throughput.py --seq-lens 1k,2k,4k,8k,16k,32k --steps 3 --timeout 900
     python bench/train_throughput.py --models "longtrain A,transformers Llama" --seq-lens 4k --precisions fp32,bf16
 
