@@ -28,19 +28,17 @@ def _restore_environment():
 
 
 def _poisoned_loss(bad_steps: dict):
-    """The loop's lm_loss, times bad_steps[step] (NaN or Inf: every gradient non-finite) at those train
-    steps (one micro-batch per step); eval losses (computed without grad) are left alone."""
-    from longtrain.trainer.model.decoder import lm_loss as clean
+    """The loop's train_loss, times bad_steps[step] (NaN or Inf: every gradient non-finite) at those
+    train steps (one micro-batch per step)."""
+    from longtrain.trainer.loop import train_loss as clean
 
     calls = [0]
 
-    def lm_loss(logits, targets):
-        loss = clean(logits, targets)
-        if not torch.is_grad_enabled():
-            return loss
+    def train_loss(engine, inputs, targets):
+        loss = clean(engine, inputs, targets)
         calls[0] += 1
         return loss * bad_steps[calls[0]] if calls[0] in bad_steps else loss
-    return lm_loss
+    return train_loss
 
 
 def _recipe(run_dir, **sections):
@@ -72,7 +70,7 @@ def test_nonfinite_step_is_skipped_and_training_continues(tmp_path, monkeypatch,
     from longtrain.trainer import loop
     from longtrain.trainer.loop import train
 
-    monkeypatch.setattr(loop, "lm_loss", _poisoned_loss({3: float("nan")}))
+    monkeypatch.setattr(loop, "train_loss", _poisoned_loss({3: float("nan")}))
     run_dir = tmp_path / "run"
     train(_recipe(run_dir, train={"steps": 5, "eval_interval": 5, "log_interval": 2},
                   checkpoint={"interval": 1, "keep_last": 5}))
@@ -104,18 +102,15 @@ def test_infinite_loss_with_finite_gradients_is_skipped(tmp_path, monkeypatch):
     """loss + inf: the loss is infinite but its gradients are finite; the step is still dropped."""
     from longtrain.trainer import loop
     from longtrain.trainer.loop import train
-    from longtrain.trainer.model.decoder import lm_loss as clean
+    from longtrain.trainer.loop import train_loss as clean
 
     calls = [0]
 
-    def lm_loss(logits, targets):
-        loss = clean(logits, targets)
-        if torch.is_grad_enabled():
-            calls[0] += 1
-            if calls[0] == 2:
-                return loss + float("inf")
-        return loss
-    monkeypatch.setattr(loop, "lm_loss", lm_loss)
+    def train_loss(engine, inputs, targets):
+        loss = clean(engine, inputs, targets)
+        calls[0] += 1
+        return loss + float("inf") if calls[0] == 2 else loss
+    monkeypatch.setattr(loop, "train_loss", train_loss)
     run_dir = tmp_path / "run"
     train(_recipe(run_dir, train={"steps": 3, "eval_interval": 3, "log_interval": 1},
                   checkpoint={"interval": 1, "keep_last": 3}))
@@ -133,7 +128,7 @@ def test_consecutive_nonfinite_steps_checkpoint_and_stop(tmp_path, monkeypatch):
     from longtrain.trainer.loop import train
 
     # 2 then 3 is fine again, 4 and 5 make two in a row: the run stops at step 5
-    monkeypatch.setattr(loop, "lm_loss", _poisoned_loss({2: float("inf"), 4: float("nan"), 5: float("inf")}))
+    monkeypatch.setattr(loop, "train_loss", _poisoned_loss({2: float("inf"), 4: float("nan"), 5: float("inf")}))
     run_dir = tmp_path / "run"
     recipe = _recipe(run_dir, train={"steps": 8, "eval_interval": 8, "max_nonfinite_steps": 2},
                      checkpoint={"interval": 3, "keep_last": 5})
@@ -170,7 +165,7 @@ def test_max_nonfinite_steps_must_be_positive(tmp_path):
 def _train_one_rank_poisoned(rank, world, run_dir, bad_rank, bad_step, zero_stage):
     from longtrain.trainer import loop
 
-    loop.lm_loss = _poisoned_loss({bad_step: float("nan")} if rank == bad_rank else {})
+    loop.train_loss = _poisoned_loss({bad_step: float("nan")} if rank == bad_rank else {})
     skipped = []
     loop.train(_recipe(run_dir, train={"steps": 4, "eval_interval": 4, "log_interval": 1},
                   checkpoint={"interval": 1, "keep_last": 4}, parallel={"zero_stage": zero_stage}),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from longtrain.trainer.config import recipe_from_dict
-from longtrain.trainer.model.decoder import Decoder, count_parameters, lm_loss
+from longtrain.trainer.model.decoder import Decoder, count_parameters, linear_cross_entropy, lm_loss
 
 
 def tiny_model(pattern, **model):
@@ -65,3 +65,37 @@ def test_bf16_autocast_runs_and_stays_close():
             low = model(tokens)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     assert (low - full).abs().max() < 0.1 * full.abs().max()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_equals_loss_of_the_logits(tie):
+    """model(tokens, targets), chunked without the logits, against the cross-entropy of the full float64
+    logits: the loss and every parameter gradient, with ignored targets and chunks that do not divide
+    the tokens."""
+    model = tiny_model("AF", tie_embeddings=tie)
+    tokens, targets = torch.randint(0, 64, (2, 17)), torch.randint(0, 64, (2, 17))
+    targets[0, :5] = -100
+    weight = model.embed.weight if tie else model.head.weight
+    expected = lm_loss(torch.nn.functional.linear(model.hidden(tokens), weight), targets)  # float64 logits
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    for loss in (model(tokens, targets),
+                 linear_cross_entropy(model.hidden(tokens).flatten(0, 1), weight, targets.flatten(), chunk=5)):
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        assert abs(loss.item() - expected.item()) < 1e-12
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_loss_under_bf16_autocast_and_all_ignored():
+    model = tiny_model("AF").float()
+    tokens, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    expected = lm_loss(model(tokens), targets)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 2e-2 * expected.item()
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == torch.float32 and (got - want).abs().max() <= 0.05 * want.abs().max() + 1e-6
+    ignored = torch.full_like(targets, -100)
+    assert torch.isnan(model(tokens, ignored)) and torch.isnan(lm_loss(model(tokens), ignored))

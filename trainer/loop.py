@@ -113,6 +113,11 @@ def build_data(recipe: Recipe, rank: int, world: int):
     return train_set, eval_set, loader, shards
 
 
+def train_loss(engine, inputs, targets):
+    """The loss of one training micro-batch: the decoder's lm_loss, computed without the full logits."""
+    return engine(inputs, targets)
+
+
 def train(recipe: Recipe, resume: str | None = None,
           on_step: Callable[[int, dict, Path | None], None] | None = None) -> dict:
     """Run the recipe to train.steps (or until a stop signal). Returns the final record.
@@ -259,7 +264,7 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch) 
         else:
             for inputs, targets in loader.next_step():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.bf16):
-                    loss = lm_loss(engine(inputs.to(device)), targets.to(device))
+                    loss = train_loss(engine, inputs.to(device), targets.to(device))
                 engine.backward(nonfinite_loss_poisons_gradients(loss))
                 engine.step()
                 losses.append(loss.detach())

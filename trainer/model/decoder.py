@@ -74,13 +74,76 @@ class Decoder(nn.Module):
             return F.linear(x, self.embed.weight).float()
         return self.head(x).float()
 
-    def forward(self, tokens):
-        return self.logits(self.hidden(tokens))
+    def forward(self, tokens, targets=None):
+        """Logits; with targets (batch, seq), the mean next-token loss instead: lm_loss of the logits,
+        computed chunk by chunk of tokens so that the (tokens, vocab) logits never exist at once."""
+        hidden = self.hidden(tokens)
+        if targets is None:
+            return self.logits(hidden)
+        weight = self.embed.weight if self.head is None else getattr(self.head, "weight", None)
+        if not isinstance(self.embed, nn.Embedding) or not isinstance(self.head, (nn.Linear, type(None))):
+            return lm_loss(self.logits(hidden), targets)  # sharded layers: their own loss path
+        return linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
 
 
 def lm_loss(logits, targets):
-    """Mean next-token cross-entropy. logits: (batch, seq, vocab); targets: (batch, seq)."""
+    """Mean next-token cross-entropy. logits: (batch, seq, vocab); targets: (batch, seq), -100 ignored."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of hidden @ weight^T against targets (-100 ignored), with both input
+    gradients computed in the forward, one chunk of tokens at a time (the fused linear cross-entropy
+    of Liger-Kernel, Hsu et al. 2024): the full logits and their gradient are never stored, and
+    each chunk's softmax is read while it is still in cache. Products in hidden's dtype, as F.linear
+    under autocast; softmax, loss and the weight gradient's sum in float32 (float64 for float64)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        ctx.weight_dtype = weight.dtype
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        w = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            valid = t != -100
+            safe = torch.where(valid, t, 0)
+            logits = (h @ w.t()).to(acc)
+            shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))  # one exp pass serves the lse and softmax
+            target_logit = shifted.gather(1, safe[:, None]).squeeze(1)
+            probs = shifted.exp_()
+            sums = probs.sum(dim=-1)
+            total += ((sums.log() - target_logit) * valid).sum()
+            probs.div_(sums[:, None])  # d loss / d logits = softmax - one-hot, per valid row
+            probs[torch.arange(len(t), device=t.device), safe] -= valid.to(acc)
+            probs = probs.mul_(valid[:, None]).to(hidden.dtype)
+            grad_hidden[start:start + chunk] = probs @ w
+            grad_weight += (probs.t() @ h).to(acc)
+        scale = 1.0 / (targets != -100).sum().to(acc)  # inf when every target is ignored: NaN, as F.cross_entropy
+        ctx.save_for_backward(grad_hidden, grad_weight, scale)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_hidden, grad_weight, scale = ctx.saved_tensors
+        factor = grad * scale
+        return grad_hidden * factor.to(grad_hidden.dtype), (grad_weight * factor).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(hidden, weight, targets, chunk=None):
+    """lm_loss(F.linear(hidden, weight), targets) for hidden (tokens, d), weight (vocab, d), targets (tokens,),
+    without the (tokens, vocab) logits. Under autocast the products run in its dtype, as F.linear's would.
+    chunk: tokens per piece (default: about 4 Mi logits)."""
+    device = hidden.device.type
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        return lm_loss(F.linear(hidden, weight).float(), targets)  # no gradients to compute alongside
+    if torch.is_autocast_enabled(device):
+        hidden = hidden.to(torch.get_autocast_dtype(device))
+    chunk = chunk or max(128, (4 << 20) // weight.shape[0])
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
