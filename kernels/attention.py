@@ -36,7 +36,8 @@ def reference(q, k, v, causal=False, softmax_scale=None, upcast=True):
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if not upcast and q.dtype in (torch.bfloat16, torch.float16):
+    low = not upcast and q.dtype in (torch.bfloat16, torch.float16)
+    if low:
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k).to(compute) * scale
     else:
         scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * scale
@@ -45,7 +46,7 @@ def reference(q, k, v, causal=False, softmax_scale=None, upcast=True):
         scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # fully masked rows give 0, lse -inf
-    if not upcast and q.dtype in (torch.bfloat16, torch.float16):
+    if low:
         out = torch.einsum("bhqk,bkhd->bqhd", probs.to(q.dtype), v)
     else:
         out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(compute))

@@ -12,9 +12,10 @@
 // scores, the online softmax, the log-sum-exp and every accumulator (out, dq, dk, dv) are float32, and
 // only P and dS are rounded to bfloat16 before they multiply V, dO, K and Q. Other inputs, and
 // bfloat16 on CPUs without it, are computed in float32 (LONGTRAIN_CPU_BF16_GEMM=0/1 forces either
-// path; 1 without AVX512-BF16, or "portable", runs portable loops: correct but slow, for tests). Causal masks are bottom-right aligned as in
-// flash-attn: query i sees key j when j <= i + seq_k - seq_q; a row that sees no key gets output 0
-// and lse -inf. Grouped-query attention: query head h reads K/V head h / (heads / kv_heads).
+// path; 1 without AVX512-BF16, or "portable", runs portable loops: correct but slow, for tests).
+// Causal masks are bottom-right aligned as in flash-attn: query i sees key j when j <= i + seq_k - seq_q;
+// a row that sees no key gets output 0 and lse -inf. Grouped-query attention: query head h reads K/V
+// head h / (heads / kv_heads).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -204,7 +205,8 @@ void row_deltas(int64_t rows, int64_t d, const T* dout, int64_t lddo, const T* o
                 float* delta) {
   for (int64_t r = 0; r < rows; ++r) {
     float dot = 0.0f;
-    for (int64_t c = 0; c < d; ++c) dot += static_cast<float>(dout[r * lddo + c]) * static_cast<float>(out[r * ldo + c]);
+    for (int64_t c = 0; c < d; ++c)
+      dot += static_cast<float>(dout[r * lddo + c]) * static_cast<float>(out[r * ldo + c]);
     delta[r] = dot - (dlse ? dlse[r] : 0.0f);
   }
 }

@@ -8,8 +8,8 @@
 // cblas_gemm_bf16bf16f32 does not use AVX512-BF16 on other vendors' CPUs (measured: no faster than
 // sgemm). Without AVX512-BF16 the same contract runs as plain float32 loops (correct, not fast).
 //
-// Layout (the one vdpbf16ps wants, "VNNI"): A row-major with k contiguous and even; B packed as
-// (k / 2, n16, 2) with n16 = n rounded up to 16: the two k-values of each column side by side.
+// Layout (the one vdpbf16ps wants, "VNNI"): A row-major with k contiguous and even; B packed by
+// pack_b as (k / 2, n16, 2) with n16 = n rounded up to 16: the two k-values of each column side by side.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -89,33 +89,6 @@ inline PackedB pack_b(bool trans_b, int64_t k, int64_t n, const bf16* b, int64_t
     std::fill(row + 2 * n, row + 2 * n16, uint16_t{0});
   }
   return {out, 2 * n16};
-}
-
-// op(A)[m, k] into (m, k2) with k2 = k rounded up to even, a zero column where k is odd; returned as
-// is when it already has that form.
-inline const uint16_t* pack_a(bool trans_a, int64_t m, int64_t k, const bf16* a, int64_t lda,
-                              std::vector<uint16_t>& buffer, int64_t& ld) {
-  const int64_t k2 = (k + 1) / 2 * 2;
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(a);
-  if (!trans_a && k2 == k) {
-    ld = lda;
-    return src;
-  }
-  buffer.resize(std::max<size_t>(buffer.size(), m * k2));
-  uint16_t* out = buffer.data();
-  for (int64_t i = 0; i < m; ++i) out[i * k2 + k2 - 1] = 0;
-  if (trans_a) {  // a transpose, in 16 x 16 blocks so that reads and writes both stay in a few cache lines
-    for (int64_t k0 = 0; k0 < k; k0 += 16)
-      for (int64_t i0 = 0; i0 < m; i0 += 16) {
-        const int64_t k1 = std::min(k, k0 + 16), i1 = std::min(m, i0 + 16);
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t kk = k0; kk < k1; ++kk) out[i * k2 + kk] = src[kk * lda + i];
-      }
-  } else {
-    for (int64_t i = 0; i < m; ++i) std::memcpy(out + i * k2, src + i * lda, k * sizeof(uint16_t));
-  }
-  ld = k2;
-  return out;
 }
 
 #if LT_HAS_X86
@@ -204,18 +177,7 @@ inline void round_to_bf16(const float* src, int64_t lds, int64_t rows, int64_t w
     for (int64_t j = 0; j < width; ++j) a[r * lda + j] = c10::BFloat16(src[r * lds + j]).x;
     if (lda > width) a[r * lda + width] = 0;
   }
-  if (!packed) return;
-  const int64_t n16 = round16(width);
-  for (int64_t r = 0; r < rows; r += 2) {
-    uint16_t* row = packed + r / 2 * 2 * n16;
-    const uint16_t *r0 = a + r * lda, *r1 = a + (r + 1) * lda;
-    const bool odd_tail = r + 1 >= rows;
-    for (int64_t j = 0; j < width; ++j) {
-      row[2 * j] = r0[j];
-      row[2 * j + 1] = odd_tail ? 0 : r1[j];
-    }
-    std::fill(row + 2 * width, row + 2 * n16, uint16_t{0});
-  }
+  if (packed) pack_b(false, rows, width, reinterpret_cast<const bf16*>(a), lda, packed);
 }
 
 // C[m, n] (float32, leading dimension ldc) = alpha * A @ B + beta * C, A (m, k2) row-major with k2
@@ -256,18 +218,6 @@ inline void bf16_gemm_packed(int64_t m, int64_t n, int64_t k2, float alpha, cons
     float* out = c + i * ldc;
     for (int64_t j = 0; j < n; ++j) out[j] = alpha * row[j] + (beta == 0.0f ? 0.0f : beta * out[j]);
   }
-}
-
-// Row-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, op(X) = X^T when the flag is set;
-// A and B bfloat16, C float32. Packs both operands into the buffers given (which only grow).
-inline void bf16_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const bf16* a,
-                      int64_t lda, const bf16* b, int64_t ldb, float beta, float* c, int64_t ldc,
-                      std::vector<uint16_t>& a_buffer, std::vector<uint16_t>& b_buffer) {
-  int64_t ld_a;
-  const uint16_t* ap = pack_a(trans_a, m, k, a, lda, a_buffer, ld_a);
-  b_buffer.resize(std::max<size_t>(b_buffer.size(), packed_b_size(k, n)));
-  const PackedB bp = pack_b(trans_b, k, n, b, ldb, b_buffer.data());
-  bf16_gemm_packed(m, n, (k + 1) / 2 * 2, alpha, ap, ld_a, bp, beta, c, ldc);
 }
 
 }  // namespace longtrain

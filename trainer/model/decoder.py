@@ -80,9 +80,9 @@ class Decoder(nn.Module):
         hidden = self.hidden(tokens)
         if targets is None:
             return self.logits(hidden)
-        weight = self.embed.weight if self.head is None else getattr(self.head, "weight", None)
         if not isinstance(self.embed, nn.Embedding) or not isinstance(self.head, (nn.Linear, type(None))):
             return lm_loss(self.logits(hidden), targets)  # sharded layers: their own loss path
+        weight = self.embed.weight if self.head is None else self.head.weight
         return linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten())
 
 
