@@ -22,6 +22,17 @@ TORCH_LIBRARY(longtrain, m) {
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, bool causal, "
       "float scale) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+  // Softmax cross-entropy of logit rows (rows, vocab) against int64 targets, `ignore_index` rows
+  // skipped: returns each row's loss (float32, 0 when ignored) and overwrites the logits with
+  // d loss_row / d logits = softmax - one-hot (zeros when ignored).
+  m.def("cross_entropy_grad_(Tensor(a!) logits, Tensor targets, int ignore_index) -> Tensor");
+  // RMSNorm over the last dim: y (in out_dtype) and 1/rms per row (float32); the backward gives dx
+  // in x's dtype and dweight in float32.
+  m.def("rms_norm_fwd(Tensor x, Tensor weight, float eps, ScalarType out_dtype) -> (Tensor y, Tensor rstd)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor dx, Tensor dweight)");
+  // SwiGLU's gate: h = silu(g) * u, elementwise, in g's dtype.
+  m.def("swiglu_fwd(Tensor g, Tensor u) -> Tensor");
+  m.def("swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor dg, Tensor du)");
 }
 
 // The extension is imported as a Python module (longtrain.kernels._C) to load the ops above.

@@ -45,7 +45,6 @@ namespace {
 // from 768 on, 512 keys): larger tiles make each sgemm call longer and the calls fewer.
 constexpr int64_t kMaxTileQ = 256;
 constexpr int64_t kTileK = 512;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Row-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, op(X) = X^T when the flag is set.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
@@ -75,45 +74,15 @@ struct AttentionProblem {
   int64_t kv_stride() const { return kv_heads * dim; }  // between rows of k, v
   // Keys [0, end) that any query in [i0, i1) may see.
   int64_t key_end(int64_t i1) const { return causal ? std::clamp<int64_t>(i1 + seq_k - seq_q, 0, seq_k) : seq_k; }
+  // The causal band of a product between the query tile at i0 and the key tile at j0 (none without a mask).
+  Band band(Band::Kind kind, int64_t i0, int64_t j0) const {
+    return causal ? Band{kind, i0 + seq_k - seq_q - j0 + 1} : Band{};
+  }
   // Keys of row i inside the tile starting at key j0 of width width.
   int64_t visible(int64_t i, int64_t j0, int64_t width) const {
     return causal ? std::clamp<int64_t>(i + seq_k - seq_q - j0 + 1, 0, width) : width;
   }
 };
-
-constexpr int64_t kLanes = 16;
-
-// Reductions keep kLanes partial results so that they vectorize without -ffast-math.
-LT_INLINE float row_max_of(const float* __restrict s, int64_t n) {
-  float lanes[kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) lanes[i] = kNegInf;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t i = 0; i < kLanes; ++i) lanes[i] = std::max(lanes[i], s[j + i]);
-  float m = kNegInf;
-  for (; j < n; ++j) m = std::max(m, s[j]);
-  for (int64_t i = 0; i < kLanes; ++i) m = std::max(m, lanes[i]);
-  return m;
-}
-
-// s[j] <- exp(s[j] - shift) for j < n; returns the sum.
-LT_INLINE float exp_shifted(float* __restrict s, int64_t n, float shift) {
-  float lanes[kLanes] = {0};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t i = 0; i < kLanes; ++i) {
-      const float p = exp_approx(s[j + i] - shift);
-      s[j + i] = p;
-      lanes[i] += p;
-    }
-  float sum = 0.0f;
-  for (; j < n; ++j) {
-    s[j] = exp_approx(s[j] - shift);
-    sum += s[j];
-  }
-  for (int64_t i = 0; i < kLanes; ++i) sum += lanes[i];
-  return sum;
-}
 
 // Online-softmax update of one row of a (pre-scaled) score tile, in place: scores -> unnormalised
 // probabilities (zero beyond `visible`). Returns the factor that rescales what the row held before.
@@ -188,9 +157,11 @@ void probabilities_row(float* __restrict s, int64_t visible, int64_t width, floa
   for (int64_t j = visible; j < width; ++j) s[j] = 0.0f;
 }
 
+// dP beyond `visible` may be unwritten (Band): it is not read, and dS is zero there.
 LT_VECTOR_CLONES
-void score_grad_row(const float* __restrict prob, float* __restrict dp, int64_t width, float delta) {
-  for (int64_t j = 0; j < width; ++j) dp[j] = prob[j] * (dp[j] - delta);
+void score_grad_row(const float* __restrict prob, float* __restrict dp, int64_t visible, int64_t width, float delta) {
+  for (int64_t j = 0; j < visible; ++j) dp[j] = prob[j] * (dp[j] - delta);
+  for (int64_t j = visible; j < width; ++j) dp[j] = 0.0f;
 }
 
 struct AttentionGrads {
@@ -236,7 +207,7 @@ void backward_head(const AttentionProblem& p, const float* q, const float* k, co
       gemm(true, false, width, d, rows, 1.0f, probs.data(), kTileK, do_tile, ldq, 1.0f, dv_head + j0 * ldq, ldq);
       gemm(false, true, rows, width, d, 1.0f, do_tile, ldq, v_head + j0 * ldk, ldk, 0.0f, dprobs.data(), kTileK);
       for (int64_t r = 0; r < rows; ++r)
-        score_grad_row(probs.data() + r * kTileK, dprobs.data() + r * kTileK, width, delta[r]);
+        score_grad_row(probs.data() + r * kTileK, dprobs.data() + r * kTileK, width, width, delta[r]);
       gemm(false, false, rows, d, width, p.scale, dprobs.data(), kTileK, k_head + j0 * ldk, ldk, 1.0f, dq_tile, ldq);
       gemm(true, false, width, d, rows, p.scale, dprobs.data(), kTileK, q_tile, ldq, 1.0f, dk_head + j0 * ldq, ldq);
     }
@@ -296,10 +267,12 @@ void forward_tile_bf16(const AttentionProblem& p, const bf16* q, const KvPacks& 
   const int64_t end = p.key_end(i0 + rows);
   for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
     const int64_t width = std::min(kTileK, end - j0), w2 = (width + 1) / 2 * 2;
-    bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, ws.scores.data(), kTileK);
+    bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, ws.scores.data(), kTileK,
+                     p.band(Band::kRowsQueriesColsKeys, i0, j0));
     softmax_tile(p, rows, i0, j0, width, ws.scores.data(), row_max, row_sum, ws.acc.data(), d);
     round_to_bf16(ws.scores.data(), kTileK, rows, width, ws.lo.data(), w2, nullptr);
-    bf16_gemm_packed(rows, d, w2, 1.0f, ws.lo.data(), w2, kv.v_b.rows(j0), 1.0f, ws.acc.data(), d);
+    bf16_gemm_packed(rows, d, w2, 1.0f, ws.lo.data(), w2, kv.v_b.rows(j0), 1.0f, ws.acc.data(), d,
+                     p.band(Band::kRowsQueriesKKeys, i0, j0));
   }
   finish_rows(rows, d, ws.acc.data(), d, row_max, row_sum, out + (b * p.seq_q + i0) * ldo + h * d, ldo,
               lse + (b * p.heads + h) * p.seq_q + i0);
@@ -333,16 +306,19 @@ void backward_head_bf16(const AttentionProblem& p, const Bf16Backward& x, const 
       const int64_t width = std::min(kTileK, end - j0), w2 = (width + 1) / 2 * 2;
       float *probs = ws.scores.data(), *dprobs = ws.dscores.data();
       const PackedB lo_b{ws.lo_b.data(), 2 * round16(width)};
-      bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, probs, kTileK);
+      const Band cols = p.band(Band::kRowsQueriesColsKeys, i0, j0), ks = p.band(Band::kRowsQueriesKKeys, i0, j0),
+                 qs = p.band(Band::kColsKeysKQueries, i0, j0);
+      bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, probs, kTileK, cols);
       for (int64_t r = 0; r < rows; ++r)
         probabilities_row(probs + r * kTileK, p.visible(i0 + r, j0, width), width, g.lse[row0 + i0 + r]);
       round_to_bf16(probs, kTileK, rows, width, ws.lo.data(), w2, ws.lo_b.data());
-      bf16_gemm_packed(d, width, rows2, 1.0f, dot_head + i0, x.seq_q2, lo_b, 1.0f, ws.dv_t.data() + j0, p.seq_k);
-      bf16_gemm_packed(rows, width, d, 1.0f, do_tile, d, kv.vt_b.columns(j0), 0.0f, dprobs, kTileK);
-      for (int64_t r = 0; r < rows; ++r) score_grad_row(probs + r * kTileK, dprobs + r * kTileK, width, delta[r]);
+      bf16_gemm_packed(d, width, rows2, 1.0f, dot_head + i0, x.seq_q2, lo_b, 1.0f, ws.dv_t.data() + j0, p.seq_k, qs);
+      bf16_gemm_packed(rows, width, d, 1.0f, do_tile, d, kv.vt_b.columns(j0), 0.0f, dprobs, kTileK, cols);
+      for (int64_t r = 0; r < rows; ++r)
+        score_grad_row(probs + r * kTileK, dprobs + r * kTileK, p.visible(i0 + r, j0, width), width, delta[r]);
       round_to_bf16(dprobs, kTileK, rows, width, ws.lo.data(), w2, ws.lo_b.data());
-      bf16_gemm_packed(rows, d, w2, p.scale, ws.lo.data(), w2, kv.k_b.rows(j0), 1.0f, dq_tile, ldg);
-      bf16_gemm_packed(d, width, rows2, p.scale, qt_head + i0, x.seq_q2, lo_b, 1.0f, ws.dk_t.data() + j0, p.seq_k);
+      bf16_gemm_packed(rows, d, w2, p.scale, ws.lo.data(), w2, kv.k_b.rows(j0), 1.0f, dq_tile, ldg, ks);
+      bf16_gemm_packed(d, width, rows2, p.scale, qt_head + i0, x.seq_q2, lo_b, 1.0f, ws.dk_t.data() + j0, p.seq_k, qs);
     }
   }
   float* dk_head = g.dk + b * p.seq_k * ldg + h * d;

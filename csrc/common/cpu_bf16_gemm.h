@@ -180,10 +180,24 @@ inline void round_to_bf16(const float* src, int64_t lds, int64_t rows, int64_t w
   if (packed) pack_b(false, rows, width, reinterpret_cast<const bf16*>(a), lda, packed);
 }
 
+// The causal band of a product inside attention: local query a sees local key b iff b < a + offset.
+// `kind` names the product's query and key indices. Outside the band the masked operand (P or dS) is
+// zero, so the products skip it exactly, in blocks of 8 rows x 32 columns x 2 k; entries of C outside
+// it may be left unwritten (their readers stop at each row's visible keys).
+struct Band {
+  enum Kind {
+    kNone,
+    kRowsQueriesColsKeys,  // S = Q K^T, dP = dO V^T: C's columns end per row block
+    kRowsQueriesKKeys,     // out += P V, dQ += dS K: the sum over keys ends per row block
+    kColsKeysKQueries,     // dV^T += dO^T P, dK^T += Q^T dS: the sum over queries starts per column block
+  } kind = kNone;
+  int64_t offset = 0;
+};
+
 // C[m, n] (float32, leading dimension ldc) = alpha * A @ B + beta * C, A (m, k2) row-major with k2
-// even, B packed by pack_b.
+// even, B packed by pack_b; `band` skips what a causal mask zeroes.
 inline void bf16_gemm_packed(int64_t m, int64_t n, int64_t k2, float alpha, const uint16_t* a, int64_t lda, PackedB b,
-                             float beta, float* c, int64_t ldc) {
+                             float beta, float* c, int64_t ldc, Band band = {}) {
   const int64_t pairs = k2 / 2;
 #if LT_HAS_X86
   if (use_native_bf16()) {
@@ -193,13 +207,20 @@ inline void bf16_gemm_packed(int64_t m, int64_t n, int64_t k2, float alpha, cons
     // faster than the other loop order on the attention tile shapes.
     for (int64_t i0 = 0; i0 < m; i0 += kBf16Rows) {
       const int64_t rows = std::min<int64_t>(kBf16Rows, m - i0);
-      for (int64_t j0 = 0; j0 < n; j0 += 32) {
-        const int64_t cols = std::min<int64_t>(32, n - j0);
+      const int64_t last_sees = i0 + rows - 1 + band.offset;  // keys [0, last_sees) reach the block's last row
+      const int64_t n_end = band.kind == Band::kRowsQueriesColsKeys ? std::clamp<int64_t>(last_sees, 0, n) : n;
+      const int64_t pair_end =
+          band.kind == Band::kRowsQueriesKKeys ? (std::clamp<int64_t>(last_sees, 0, k2) + 1) / 2 : pairs;
+      for (int64_t j0 = 0; j0 < n_end; j0 += 32) {
+        const int64_t cols = std::min<int64_t>(32, n_end - j0);
+        // Key j0 is first seen by query j0 - offset + 1; start at its (even) pair.
+        const int64_t pair0 =
+            band.kind == Band::kColsKeysKQueries ? std::clamp<int64_t>(j0 - band.offset + 1, 0, k2) / 2 : 0;
         const __mmask16 mask0 = cols >= 16 ? 0xFFFF : (1u << cols) - 1;
         const __mmask16 mask1 = cols >= 32 ? 0xFFFF : cols > 16 ? (1u << (cols - 16)) - 1 : 0;
         const auto& tiles = cols > 16 ? two : one;
-        tiles[rows - 1](pairs, a + i0 * lda, lda, b.data + 2 * j0, b.ld, c + i0 * ldc + j0, ldc, alpha, beta, mask0,
-                        mask1);
+        tiles[rows - 1](std::max<int64_t>(pair_end - pair0, 0), a + i0 * lda + 2 * pair0, lda,
+                        b.data + pair0 * b.ld + 2 * j0, b.ld, c + i0 * ldc + j0, ldc, alpha, beta, mask0, mask1);
       }
     }
     return;

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define LT_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -112,6 +113,41 @@ LT_INLINE void row_sums(const float* lanes, int64_t rows, float* sums) {
   int64_t r = 0;
   for (; r + 16 <= rows; r += 16) row_sums16(lanes + 16 * r, sums + r);
   for (; r < rows; ++r) sums[r] = lane_sum16(lanes + 16 * r);
+}
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kLanes = 16;
+
+// Reductions keep kLanes partial results so that they vectorize without -ffast-math.
+LT_INLINE float row_max_of(const float* __restrict s, int64_t n) {
+  float lanes[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) lanes[i] = kNegInf;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t i = 0; i < kLanes; ++i) lanes[i] = std::max(lanes[i], s[j + i]);
+  float m = kNegInf;
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  for (int64_t i = 0; i < kLanes; ++i) m = std::max(m, lanes[i]);
+  return m;
+}
+
+// s[j] <- exp(s[j] - shift) for j < n; returns the sum.
+LT_INLINE float exp_shifted(float* __restrict s, int64_t n, float shift) {
+  float lanes[kLanes] = {0};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t i = 0; i < kLanes; ++i) {
+      const float p = exp_approx(s[j + i] - shift);
+      s[j + i] = p;
+      lanes[i] += p;
+    }
+  float sum = 0.0f;
+  for (; j < n; ++j) {
+    s[j] = exp_approx(s[j] - shift);
+    sum += s[j];
+  }
+  for (int64_t i = 0; i < kLanes; ++i) sum += lanes[i];
+  return sum;
 }
 
 LT_INLINE float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }

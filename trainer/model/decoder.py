@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from longtrain.kernels.cross_entropy import cross_entropy_grad_
 from longtrain.trainer.model.attention import Attention
 from longtrain.trainer.model.layers import Linears, RMSNorm
 from longtrain.trainer.model.mamba import Mamba
@@ -95,8 +96,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of hidden @ weight^T against targets (-100 ignored), with both input
     gradients computed in the forward, one chunk of tokens at a time (the fused linear cross-entropy
     of Liger-Kernel, Hsu et al. 2024): the full logits and their gradient are never stored, and
-    each chunk's softmax is read while it is still in cache. Products in hidden's dtype, as F.linear
-    under autocast; softmax, loss and the weight gradient's sum in float32 (float64 for float64)."""
+    each chunk's softmax is taken in one sweep per row (longtrain.kernels.cross_entropy). Products in
+    hidden's dtype, as F.linear under autocast; softmax, loss and the weight gradient's sum in float32
+    (float64 for float64)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
@@ -108,19 +110,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            valid = t != -100
-            safe = torch.where(valid, t, 0)
-            logits = (h @ w.t()).to(acc)
-            shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))  # one exp pass serves the lse and softmax
-            target_logit = shifted.gather(1, safe[:, None]).squeeze(1)
-            probs = shifted.exp_()
-            sums = probs.sum(dim=-1)
-            total += ((sums.log() - target_logit) * valid).sum()
-            probs.div_(sums[:, None])  # d loss / d logits = softmax - one-hot, per valid row
-            probs[torch.arange(len(t), device=t.device), safe] -= valid.to(acc)
-            probs = probs.mul_(valid[:, None]).to(hidden.dtype)
-            grad_hidden[start:start + chunk] = probs @ w
-            grad_weight += (probs.t() @ h).to(acc)
+            logits = h @ w.t()
+            total += cross_entropy_grad_(logits, t).sum(dtype=acc)  # logits now hold d loss / d logits
+            grad_hidden[start:start + chunk] = logits @ w
+            grad_weight += (logits.t() @ h).to(acc)
         scale = 1.0 / (targets != -100).sum().to(acc)  # inf when every target is ignored: NaN, as F.cross_entropy
         ctx.save_for_backward(grad_hidden, grad_weight, scale)
         return total * scale

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from longtrain.kernels.rms_norm import rms_norm
+
 
 class Linears:
     """Dense layer factory. `tp` is the number of shards a column/row layer is split into.
@@ -48,7 +50,8 @@ class Linears:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 (float64 for float64 inputs)."""
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 (float64 for float64 inputs)
+    by longtrain.kernels.rms_norm."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -56,9 +59,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(x32.dtype)).to(x.dtype)
+        # Under autocast the output is already in its dtype: the linear layer reading it would cast it.
+        device = x.device.type
+        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) and x.is_floating_point() else None
+        return rms_norm(x, self.weight, self.eps, out_dtype=low if low and x.dtype != torch.float64 else x.dtype)
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float, scaling: float = 1.0, offset: int = 0,

@@ -1,6 +1,7 @@
 """SwiGLU feed-forward sublayer (Shazeer 2020, "GLU Variants Improve Transformer")."""
 from torch import nn
-import torch.nn.functional as F
+
+from longtrain.kernels.swiglu import swiglu
 
 
 class SwiGLU(nn.Module):
@@ -13,4 +14,4 @@ class SwiGLU(nn.Module):
         self.down = linears.row(d_hidden, d_model)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(swiglu(self.gate(x), self.up(x)))
