@@ -12,7 +12,7 @@ import json, sys, warnings
 sys.modules["longtrain.kernels._C"] = None
 warnings.simplefilter("always")
 import torch
-from longtrain.kernels import attention as attention_module, cross_entropy as ce_module, rms_norm as rn_module, scan as scan_module, swiglu as sg_module
+from longtrain.kernels import attention as attention_module, scan as scan_module
 from longtrain.kernels.registry import BackendError
 
 cpu, report = torch.device("cpu"), {}
@@ -25,18 +25,9 @@ with warnings.catch_warnings(record=True) as caught:
     A, B, C = -torch.rand(3, 4), torch.randn(2, 4, 20), torch.randn(2, 4, 20)
     y, last = scan_module.selective_scan(u, delta, A, B, C, return_last_state=True)
     y_ref, last_ref = scan_module.reference(u, delta, A, B, C)
-    logits, targets = torch.randn(5, 40), torch.tensor([3, -100, 0, 39, 7])
-    ce_ref_loss, ce_ref_grad = ce_module.reference(logits, targets)
-    ce_loss = ce_module.cross_entropy_grad_(logits, targets)
 report["attention_backend"] = attention_module.registry.select(None, cpu, torch.float32).name
 report["attention_lse_backend"] = attention_module.registry.select(None, cpu, torch.float32, need_lse=True).name
 report["scan_backend"] = scan_module.registry.select(None, cpu, torch.float32).name
-report["rms_norm_backend"] = rn_module.registry.select(None, cpu, torch.float32, out_dtype=torch.bfloat16).name
-report["swiglu_backend"] = sg_module.registry.select(None, cpu, torch.float32).name
-x = torch.randn(4, 16)
-report["rms_norm_error"] = (rn_module.rms_norm(x, torch.ones(16)) - rn_module.reference(x, torch.ones(16))).abs().max().item()
-report["ce_backend"] = ce_module.registry.select(None, cpu, torch.float32).name
-report["ce_error"] = (ce_loss - ce_ref_loss).abs().max().item() + (logits - ce_ref_grad).abs().max().item()
 report["attention_error"] = (out - expected).abs().max().item()
 report["lse_error"] = (lse - expected_lse).abs().max().item() + (out_lse - expected).abs().max().item()
 report["scan_error"] = (y - y_ref).abs().max().item() + (last - last_ref).abs().max().item()
@@ -57,11 +48,6 @@ def test_dispatch_without_extension():
     assert report["attention_backend"] == "torch"
     assert report["attention_lse_backend"] == "reference"
     assert report["scan_backend"] == "reference"
-    assert report["rms_norm_backend"] = rn_module.registry.select(None, cpu, torch.float32, out_dtype=torch.bfloat16).name
-report["swiglu_backend"] = sg_module.registry.select(None, cpu, torch.float32).name
-x = torch.randn(4, 16)
-report["rms_norm_error"] = (rn_module.rms_norm(x, torch.ones(16)) - rn_module.reference(x, torch.ones(16))).abs().max().item()
-report["ce_backend"] == "torch" and report["ce_error"] < 1e-5
     assert report["attention_error"] < 1e-5 and report["lse_error"] < 1e-5 and report["scan_error"] < 1e-5
     assert len(report["warnings"]) == 1 and "longtrain.kernels._C could not be loaded" in report["warnings"][0]
     assert "not loaded" in report["named_csrc"] and "valid choices here: auto, reference" in report["named_csrc"]
