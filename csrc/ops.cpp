@@ -33,6 +33,9 @@ TORCH_LIBRARY(longtrain, m) {
   // SwiGLU's gate: h = silu(g) * u, elementwise, in g's dtype.
   m.def("swiglu_fwd(Tensor g, Tensor u) -> Tensor");
   m.def("swiglu_bwd(Tensor dh, Tensor g, Tensor u) -> (Tensor dg, Tensor du)");
+  // Rotary embedding of x (batch, seq, heads, dim), rotate-half pairs, by cos/sin (seq, dim / 2);
+  // inverse rotates by the opposite angle (the backward).
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
 }
 
 // The extension is imported as a Python module (longtrain.kernels._C) to load the ops above.

@@ -78,3 +78,23 @@ def test_swiglu_large_gate_values_stay_finite():
     assert torch.isfinite(h).all() and torch.isfinite(gate.grad).all()
     torch.testing.assert_close(h.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gate.grad.double(), dg, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["csrc", "torch"] if extension() is not None else ["torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_matches_float64(backend, dtype):
+    from longtrain.kernels import rotary as ro
+    from longtrain.trainer.model.layers import rotary_tables
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 37, 3, 16, generator=g).to(dtype).requires_grad_()
+    cos, sin = rotary_tables(37, 16, 10000.0, offset=5)
+    dy = torch.randn(2, 37, 3, 16, generator=g).to(dtype)
+    y = ro.apply_rotary(x, cos, sin, backend=backend)
+    assert y.dtype == dtype
+    y.backward(dy)
+    want, (dx,) = grads64(lambda a: ro.reference(a, cos.double(), sin.double()), (x,), dy)
+    close(y, want, dtype, want.abs().mean().item())
+    close(x.grad, dx, dtype, dx.abs().mean().item())
+    # a rotation: norms of each pair are kept
+    pairs = lambda t: t.double()[..., :8] ** 2 + t.double()[..., 8:] ** 2
+    torch.testing.assert_close(pairs(y), pairs(x.detach()), rtol=4 * EPS[dtype], atol=1e-6)

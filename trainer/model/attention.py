@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from longtrain.kernels.attention import attention
-from longtrain.trainer.model.layers import apply_rotary, rotary_tables
+from longtrain.kernels.rotary import apply_rotary
+from longtrain.trainer.model.layers import rotary_tables
 
 
 class Attention(nn.Module):

@@ -1,4 +1,4 @@
-"""Building pieces shared by the blocks: linear-layer factories, RMSNorm, rotary embeddings.
+"""Building pieces shared by the blocks: linear-layer factories, RMSNorm, rotary tables.
 
 Blocks never construct `nn.Linear` themselves: they receive a `Linears` factory. The dense one
 lives here; tensor-parallel factories (trainer/parallel/) hand out sharded layers with the same
@@ -77,11 +77,3 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, scaling: float = 1.
         positions = torch.arange(offset, offset + seq_len, device=device)
     angles = torch.outer(positions.float() / scaling, inv_freq)
     return angles.cos(), angles.sin()
-
-
-def apply_rotary(x, cos, sin):
-    """x: (batch, seq, heads, head_dim); rotates pairs (x[..., :d/2], x[..., d/2:])."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
