@@ -157,6 +157,27 @@ void probabilities_row(float* __restrict s, int64_t visible, int64_t width, floa
   for (int64_t j = visible; j < width; ++j) s[j] = 0.0f;
 }
 
+#if LT_HAS_X86
+// probabilities_row for every row of a tile, on AVX-512 (the bfloat16 path's CPUs).
+LT_BF16_TARGET void probabilities_tile_native(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j0,
+                                              int64_t width, const float* lse, float* probs) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = probs + r * kTileK;
+    const int64_t visible = lse[r] == kNegInf ? 0 : p.visible(i0 + r, j0, width);
+    const __m512 shift = _mm512_set1_ps(lse[r]);
+    int64_t j = 0;
+    for (; j + 16 <= visible; j += 16)
+      _mm512_storeu_ps(s + j, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
+    if (j < visible) {
+      const __mmask16 m = (1u << (visible - j)) - 1;
+      _mm512_mask_storeu_ps(s + j, m, exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), shift)));
+      j = visible;
+    }
+    std::fill(s + j, s + width, 0.0f);
+  }
+}
+#endif
+
 // dP beyond `visible` may be unwritten (Band): it is not read, and dS is zero there.
 LT_VECTOR_CLONES
 void score_grad_row(const float* __restrict prob, float* __restrict dp, int64_t visible, int64_t width, float delta) {
@@ -256,6 +277,39 @@ struct Bf16Workspace {
         lo_b(packed_b_size(tile_q, kTileK)) {}
 };
 
+#if LT_HAS_X86
+// softmax_tile with P rounded to bfloat16 into `lo` (rows x w2) in the same pass over each row.
+LT_BF16_TARGET void softmax_round_tile_native(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j0,
+                                              int64_t width, const float* scores, float* row_max, float* row_sum,
+                                              float* acc, int64_t ldacc, uint16_t* lo, int64_t w2) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = scores + r * kTileK;
+    const int64_t visible = p.visible(i0 + r, j0, width);
+    const float new_max = std::max(row_max[r], row_max_of(s, visible));
+    if (new_max == kNegInf) {  // nothing seen yet: P is 0, the accumulator untouched
+      std::fill(lo + r * w2, lo + (r + 1) * w2, uint16_t{0});
+      continue;
+    }
+    const float alpha = row_max[r] == kNegInf ? 0.0f : exp_approx(row_max[r] - new_max);
+    row_sum[r] = row_sum[r] * alpha + exp_round_row(s, visible, w2, new_max, lo + r * w2);
+    row_max[r] = new_max;
+    if (alpha != 1.0f)
+      for (int64_t c = 0; c < p.dim; ++c) acc[r * ldacc + c] *= alpha;
+  }
+}
+#endif
+
+// softmax_tile, then P rounded to bfloat16 into `lo` (rows x w2).
+void softmax_round_tile(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j0, int64_t width, float* scores,
+                        float* row_max, float* row_sum, float* acc, int64_t ldacc, uint16_t* lo, int64_t w2) {
+#if LT_HAS_X86
+  if (use_native_bf16())
+    return softmax_round_tile_native(p, rows, i0, j0, width, scores, row_max, row_sum, acc, ldacc, lo, w2);
+#endif
+  softmax_tile(p, rows, i0, j0, width, scores, row_max, row_sum, acc, ldacc);
+  round_to_bf16(scores, kTileK, rows, width, lo, w2, nullptr);
+}
+
 void forward_tile_bf16(const AttentionProblem& p, const bf16* q, const KvPacks& kv, bf16* out, float* lse, int64_t b,
                        int64_t h, int64_t i0, Bf16Workspace& ws) {
   const int64_t rows = std::min(p.tile_q, p.seq_q - i0), d = p.dim, ldo = p.q_stride();
@@ -269,8 +323,7 @@ void forward_tile_bf16(const AttentionProblem& p, const bf16* q, const KvPacks& 
     const int64_t width = std::min(kTileK, end - j0), w2 = (width + 1) / 2 * 2;
     bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, ws.scores.data(), kTileK,
                      p.band(Band::kRowsQueriesColsKeys, i0, j0));
-    softmax_tile(p, rows, i0, j0, width, ws.scores.data(), row_max, row_sum, ws.acc.data(), d);
-    round_to_bf16(ws.scores.data(), kTileK, rows, width, ws.lo.data(), w2, nullptr);
+    softmax_round_tile(p, rows, i0, j0, width, ws.scores.data(), row_max, row_sum, ws.acc.data(), d, ws.lo.data(), w2);
     bf16_gemm_packed(rows, d, w2, 1.0f, ws.lo.data(), w2, kv.v_b.rows(j0), 1.0f, ws.acc.data(), d,
                      p.band(Band::kRowsQueriesKKeys, i0, j0));
   }
@@ -309,9 +362,15 @@ void backward_head_bf16(const AttentionProblem& p, const Bf16Backward& x, const 
       const Band cols = p.band(Band::kRowsQueriesColsKeys, i0, j0), ks = p.band(Band::kRowsQueriesKKeys, i0, j0),
                  qs = p.band(Band::kColsKeysKQueries, i0, j0);
       bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, probs, kTileK, cols);
-      for (int64_t r = 0; r < rows; ++r)
-        probabilities_row(probs + r * kTileK, p.visible(i0 + r, j0, width), width, g.lse[row0 + i0 + r]);
-      round_to_bf16(probs, kTileK, rows, width, ws.lo.data(), w2, ws.lo_b.data());
+#if LT_HAS_X86
+      if (use_native_bf16())
+        probabilities_tile_native(p, rows, i0, j0, width, g.lse + row0 + i0, probs);
+      else
+#endif
+        for (int64_t r = 0; r < rows; ++r)
+          probabilities_row(probs + r * kTileK, p.visible(i0 + r, j0, width), width, g.lse[row0 + i0 + r]);
+      // P is only the B operand of dV^T: packed, no row-major copy (the portable path packs from one).
+      round_to_bf16(probs, kTileK, rows, width, use_native_bf16() ? nullptr : ws.lo.data(), w2, ws.lo_b.data());
       bf16_gemm_packed(d, width, rows2, 1.0f, dot_head + i0, x.seq_q2, lo_b, 1.0f, ws.dv_t.data() + j0, p.seq_k, qs);
       bf16_gemm_packed(rows, width, d, 1.0f, do_tile, d, kv.vt_b.columns(j0), 0.0f, dprobs, kTileK, cols);
       for (int64_t r = 0; r < rows; ++r)

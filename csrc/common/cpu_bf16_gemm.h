@@ -137,7 +137,7 @@ constexpr std::array<Bf16TileFn, sizeof...(R)> bf16_tiles(std::index_sequence<R.
 LT_BF16_TARGET inline void round_to_bf16_native(const float* src, int64_t lds, int64_t rows, int64_t width,
                                                 uint16_t* a, int64_t lda, uint16_t* packed) {
   auto mask = [](int64_t left) -> __mmask16 { return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (1u << left) - 1; };
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; a && r < rows; ++r) {
     for (int64_t j = 0; j < width; j += 16) {
       const __mmask16 m = mask(width - j);
       const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + r * lds + j));
@@ -164,10 +164,51 @@ LT_BF16_TARGET inline void round_to_bf16_native(const float* src, int64_t lds, i
 }
 #endif
 
-// rows x width float32 (leading dimension lds) rounded to bfloat16, nearest even: into `a` (row-major,
-// leading dimension lda; a zero column at `width` when lda > width, for an even k), and when `packed`
-// is given also into pack_b's layout of the same (rows x width) matrix, the B operand of a product
-// over its rows.
+#if LT_HAS_X86
+// exp(x) on 16 lanes for x <= 0 (shifted scores): exp_approx's range reduction and polynomial
+// (cpu_math.h), with vscalefps applying the 2^k (exact, and 0 below the float range).
+LT_BF16_TARGET inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp(-104) is below the smallest float: scalef gives 0
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+
+// One row of the online softmax, rounded on the way out: lo[j] = bf16(exp(s[j] - max)) for the
+// `visible` first keys, 0 after them up to `width2`; returns the sum of the float32 values (flash-attn
+// sums before rounding). s is only read.
+LT_BF16_TARGET inline float exp_round_row(const float* s, int64_t visible, int64_t width2, float shift,
+                                          uint16_t* lo) {
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 vshift = _mm512_set1_ps(shift);
+  int64_t j = 0;
+  for (; j < visible; j += 16) {
+    const int64_t left = visible - j;
+    const __mmask16 m = left >= 16 ? 0xFFFF : (1u << left) - 1;
+    const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vshift)));
+    sum = _mm512_add_ps(sum, e);
+    const int64_t room = width2 - j;  // zeros of the masked lanes fill the row up to width2
+    const __mmask16 store = room >= 16 ? 0xFFFF : (1u << room) - 1;
+    _mm256_mask_storeu_epi16(lo + j, store, (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  for (; j < width2; ++j) lo[j] = 0;
+  return _mm512_reduce_add_ps(sum);
+}
+#endif
+
+// rows x width float32 (leading dimension lds) rounded to bfloat16, nearest even: into `a` when given
+// (row-major, leading dimension lda; a zero column at `width` when lda > width, for an even k), and
+// when `packed` is given into pack_b's layout of the same (rows x width) matrix, the B operand of a
+// product over its rows. The portable path needs `a` (it packs from it).
 inline void round_to_bf16(const float* src, int64_t lds, int64_t rows, int64_t width, uint16_t* a, int64_t lda,
                           uint16_t* packed) {
 #if LT_HAS_X86

@@ -118,18 +118,23 @@ LT_INLINE void row_sums(const float* lanes, int64_t rows, float* sums) {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kLanes = 16;
 
-// Reductions keep kLanes partial results so that they vectorize without -ffast-math.
+// Reductions keep kLanes partial results so that they vectorize without -ffast-math; the max is
+// written on vec16 because GCC leaves a std::max reduction over floats scalar.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 LT_INLINE float row_max_of(const float* __restrict s, int64_t n) {
-  float lanes[kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) lanes[i] = kNegInf;
+  vec16 lanes = vec16{} + kNegInf;
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t i = 0; i < kLanes; ++i) lanes[i] = std::max(lanes[i], s[j + i]);
+  for (; j + kLanes <= n; j += kLanes) {
+    const vec16 v = load16(s + j);
+    lanes = v > lanes ? v : lanes;
+  }
   float m = kNegInf;
   for (; j < n; ++j) m = std::max(m, s[j]);
   for (int64_t i = 0; i < kLanes; ++i) m = std::max(m, lanes[i]);
   return m;
 }
+#pragma GCC diagnostic pop
 
 // s[j] <- exp(s[j] - shift) for j < n; returns the sum.
 LT_INLINE float exp_shifted(float* __restrict s, int64_t n, float shift) {
