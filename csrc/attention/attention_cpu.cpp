@@ -45,6 +45,7 @@ namespace {
 // from 768 on, 512 keys): larger tiles make each sgemm call longer and the calls fewer.
 constexpr int64_t kMaxTileQ = 256;
 constexpr int64_t kTileK = 512;
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;
 
 // Row-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, op(X) = X^T when the flag is set.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
@@ -101,15 +102,15 @@ float softmax_row_update(float* __restrict s, int64_t visible, int64_t width, fl
   return alpha;
 }
 
-// Finishes the out rows of a query tile from its accumulator: out = acc / sum, lse = max + log(sum);
-// a row that saw no key keeps out 0 and gets lse -inf.
+// Finishes the out rows of a query tile from its accumulator: out = acc / sum, lse = max * unit +
+// log(sum) (unit ln 2 when the max is in base 2); a row that saw no key keeps out 0 and gets lse -inf.
 template <typename T>
 void finish_rows(int64_t rows, int64_t d, const float* acc, int64_t ldacc, const float* row_max, const float* row_sum,
-                 T* out, int64_t ldo, float* lse) {
+                 T* out, int64_t ldo, float* lse, float unit = 1.0f) {
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = row_sum[r] == 0.0f ? 0.0f : 1.0f / row_sum[r];
     for (int64_t c = 0; c < d; ++c) out[r * ldo + c] = static_cast<T>(acc[r * ldacc + c] * inv);
-    lse[r] = row_sum[r] == 0.0f ? kNegInf : row_max[r] + std::log(row_sum[r]);
+    lse[r] = row_sum[r] == 0.0f ? kNegInf : row_max[r] * unit + std::log(row_sum[r]);
   }
 }
 
@@ -158,19 +159,20 @@ void probabilities_row(float* __restrict s, int64_t visible, int64_t width, floa
 }
 
 #if LT_HAS_X86
-// probabilities_row for every row of a tile, on AVX-512 (the bfloat16 path's CPUs).
+// probabilities_row for every row of a tile, on AVX-512 (the bfloat16 path's CPUs), in base 2: the
+// scores carry a factor log2(e), and so does the lse here.
 LT_BF16_TARGET void probabilities_tile_native(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j0,
                                               int64_t width, const float* lse, float* probs) {
   for (int64_t r = 0; r < rows; ++r) {
     float* s = probs + r * kTileK;
     const int64_t visible = lse[r] == kNegInf ? 0 : p.visible(i0 + r, j0, width);
-    const __m512 shift = _mm512_set1_ps(lse[r]);
+    const __m512 shift = _mm512_set1_ps(lse[r] * kLog2e);
     int64_t j = 0;
     for (; j + 16 <= visible; j += 16)
-      _mm512_storeu_ps(s + j, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
+      _mm512_storeu_ps(s + j, exp2_16(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
     if (j < visible) {
       const __mmask16 m = (1u << (visible - j)) - 1;
-      _mm512_mask_storeu_ps(s + j, m, exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), shift)));
+      _mm512_mask_storeu_ps(s + j, m, exp2_16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), shift)));
       j = visible;
     }
     std::fill(s + j, s + width, 0.0f);
@@ -278,7 +280,8 @@ struct Bf16Workspace {
 };
 
 #if LT_HAS_X86
-// softmax_tile with P rounded to bfloat16 into `lo` (rows x w2) in the same pass over each row.
+// softmax_tile with P rounded to bfloat16 into `lo` (rows x w2) in the same pass over each row, in
+// base 2: the scores, row_max with them, carry a factor log2(e) (exp2_16).
 LT_BF16_TARGET void softmax_round_tile_native(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j0,
                                               int64_t width, const float* scores, float* row_max, float* row_sum,
                                               float* acc, int64_t ldacc, uint16_t* lo, int64_t w2) {
@@ -290,7 +293,7 @@ LT_BF16_TARGET void softmax_round_tile_native(const AttentionProblem& p, int64_t
       std::fill(lo + r * w2, lo + (r + 1) * w2, uint16_t{0});
       continue;
     }
-    const float alpha = row_max[r] == kNegInf ? 0.0f : exp_approx(row_max[r] - new_max);
+    const float alpha = row_max[r] == kNegInf ? 0.0f : exp_approx((row_max[r] - new_max) * kLn2);
     row_sum[r] = row_sum[r] * alpha + exp_round_row(s, visible, w2, new_max, lo + r * w2);
     row_max[r] = new_max;
     if (alpha != 1.0f)
@@ -298,6 +301,15 @@ LT_BF16_TARGET void softmax_round_tile_native(const AttentionProblem& p, int64_t
   }
 }
 #endif
+
+// Whether the bfloat16 path's softmax runs natively, in base 2 (its scores scaled by log2(e) more).
+bool base2_softmax() {
+#if LT_HAS_X86
+  return use_native_bf16();
+#else
+  return false;
+#endif
+}
 
 // softmax_tile, then P rounded to bfloat16 into `lo` (rows x w2).
 void softmax_round_tile(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j0, int64_t width, float* scores,
@@ -319,16 +331,17 @@ void forward_tile_bf16(const AttentionProblem& p, const bf16* q, const KvPacks& 
   std::fill(row_max, row_max + rows, kNegInf);
   std::fill(row_sum, row_sum + rows, 0.0f);
   const int64_t end = p.key_end(i0 + rows);
+  const bool base2 = base2_softmax();
   for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
     const int64_t width = std::min(kTileK, end - j0), w2 = (width + 1) / 2 * 2;
-    bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, ws.scores.data(), kTileK,
-                     p.band(Band::kRowsQueriesColsKeys, i0, j0));
+    bf16_gemm_packed(rows, width, d, p.scale * (base2 ? kLog2e : 1.0f), q_tile, d, kv.kt_b.columns(j0), 0.0f,
+                     ws.scores.data(), kTileK, p.band(Band::kRowsQueriesColsKeys, i0, j0));
     softmax_round_tile(p, rows, i0, j0, width, ws.scores.data(), row_max, row_sum, ws.acc.data(), d, ws.lo.data(), w2);
     bf16_gemm_packed(rows, d, w2, 1.0f, ws.lo.data(), w2, kv.v_b.rows(j0), 1.0f, ws.acc.data(), d,
                      p.band(Band::kRowsQueriesKKeys, i0, j0));
   }
   finish_rows(rows, d, ws.acc.data(), d, row_max, row_sum, out + (b * p.seq_q + i0) * ldo + h * d, ldo,
-              lse + (b * p.heads + h) * p.seq_q + i0);
+              lse + (b * p.heads + h) * p.seq_q + i0, base2 ? kLn2 : 1.0f);
 }
 
 // Inputs of the bfloat16 backward: head-major q, dout, out; q^T and dout^T as (batch, heads, dim,
@@ -344,6 +357,7 @@ void backward_head_bf16(const AttentionProblem& p, const Bf16Backward& x, const 
   auto as_bits = [](const bf16* x) { return reinterpret_cast<const uint16_t*>(x); };
   const uint16_t *q_head = as_bits(x.q) + row0 * d, *do_head = as_bits(x.dout) + row0 * d;
   const uint16_t *qt_head = as_bits(x.q_t) + bh * d * x.seq_q2, *dot_head = as_bits(x.dout_t) + bh * d * x.seq_q2;
+  const bool base2 = base2_softmax();
   // dK^T and dV^T of this head, (dim, seq_k): their products then write rows, not columns.
   ws.dk_t.assign(d * p.seq_k, 0.0f);
   ws.dv_t.assign(d * p.seq_k, 0.0f);
@@ -361,9 +375,10 @@ void backward_head_bf16(const AttentionProblem& p, const Bf16Backward& x, const 
       const PackedB lo_b{ws.lo_b.data(), 2 * round16(width)};
       const Band cols = p.band(Band::kRowsQueriesColsKeys, i0, j0), ks = p.band(Band::kRowsQueriesKKeys, i0, j0),
                  qs = p.band(Band::kColsKeysKQueries, i0, j0);
-      bf16_gemm_packed(rows, width, d, p.scale, q_tile, d, kv.kt_b.columns(j0), 0.0f, probs, kTileK, cols);
+      bf16_gemm_packed(rows, width, d, p.scale * (base2 ? kLog2e : 1.0f), q_tile, d, kv.kt_b.columns(j0), 0.0f,
+                       probs, kTileK, cols);
 #if LT_HAS_X86
-      if (use_native_bf16())
+      if (base2)
         probabilities_tile_native(p, rows, i0, j0, width, g.lse + row0 + i0, probs);
       else
 #endif

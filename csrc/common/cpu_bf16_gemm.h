@@ -165,25 +165,24 @@ LT_BF16_TARGET inline void round_to_bf16_native(const float* src, int64_t lds, i
 #endif
 
 #if LT_HAS_X86
-// exp(x) on 16 lanes for x <= 0 (shifted scores): exp_approx's range reduction and polynomial
-// (cpu_math.h), with vscalefps applying the 2^k (exact, and 0 below the float range).
-LT_BF16_TARGET inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp(-104) is below the smallest float: scalef gives 0
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+// 2^x on 16 lanes: 2^k (vscalefps, exact, and 0 below the float range) times 2^r, r = x - k in
+// [-1/2, 1/2], by a degree-5 polynomial fitted for relative error (2e-7 in float32, as exp_approx).
+// The native softmax works in base 2 with log2(e) folded into the score scale (as flash-attn's
+// softmax_scale_log2): 9 vector operations per 16 exponentials against 14 for exp_approx.
+LT_BF16_TARGET inline __m512 exp2_16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-151.0f));  // 2^-151 rounds to 0; keeps -inf out of r
+  const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_sub_ps(x, k);
+  __m512 p = _mm512_set1_ps(0.0013266970636323094f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.009675459936261177f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.05550742521882057f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24022121727466583f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931469440460205f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000001192092896f));
   return _mm512_scalef_ps(p, k);
 }
 
-// One row of the online softmax, rounded on the way out: lo[j] = bf16(exp(s[j] - max)) for the
+// One row of the online softmax in base 2, rounded on the way out: lo[j] = bf16(2^(s[j] - max)) for the
 // `visible` first keys, 0 after them up to `width2`; returns the sum of the float32 values (flash-attn
 // sums before rounding). s is only read.
 LT_BF16_TARGET inline float exp_round_row(const float* s, int64_t visible, int64_t width2, float shift,
@@ -194,7 +193,7 @@ LT_BF16_TARGET inline float exp_round_row(const float* s, int64_t visible, int64
   for (; j < visible; j += 16) {
     const int64_t left = visible - j;
     const __mmask16 m = left >= 16 ? 0xFFFF : (1u << left) - 1;
-    const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vshift)));
+    const __m512 e = _mm512_maskz_mov_ps(m, exp2_16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vshift)));
     sum = _mm512_add_ps(sum, e);
     const int64_t room = width2 - j;  // zeros of the masked lanes fill the row up to width2
     const __mmask16 store = room >= 16 ? 0xFFFF : (1u << room) - 1;
