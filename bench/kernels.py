@@ -13,7 +13,8 @@ source tree via --mamba-src, with its CUDA module and triton import stubbed; its
 with the square of the sequence, so it runs at L <= 512 only) and the step-by-step PyTorch loop
 of transformers' Mamba slow path (the same algorithm as kernels/scan.py's `reference`).
 Attention peers: torch SDPA (flash-style CPU kernel) and naive attention (`reference`), in float32;
-then ours against SDPA in bfloat16, against the measured bfloat16 matmul rate.
+then ours against SDPA in bfloat16, against the measured bfloat16 matmul rate. Last, the fused CPU
+kernels of the layers (RMSNorm, SwiGLU, rotary, cross-entropy) against the torch ops they replace.
 """
 from __future__ import annotations
 
@@ -298,6 +299,69 @@ def main() -> None:
            bench_op("attention", bf16_plan, None, torch.get_num_threads()),
            {"ours-bf16": "ours (csrc)", "sdpa-bf16": "torch SDPA (flash CPU kernel)"},
            "bfloat16 matmul FLOP/s", lambda seq: attention_flops(seq) / flops_bf16, base="ours-bf16")
+    layer_kernels(bandwidth, repeats=3 if quick else 7)
+
+
+# ----------------------------------------------------------------------------- memory-bound layer kernels
+def layer_kernels(bandwidth: float, repeats: int, tokens: int = 4096, d_model: int = 256, hidden: int = 688,
+                  heads: int = 4, vocab_chunk: tuple[int, int] = (1048, 4000)) -> None:
+    """Our fused CPU kernels (csrc backend) against the torch ops they replace (torch backend), at the
+    shapes of bench/train_throughput.py's model at 4k tokens, forward + backward, in one process,
+    taking turns. The limit is the bytes each op must move at least (inputs read once, outputs written
+    once) over the measured copy bandwidth."""
+    from longtrain.kernels import cross_entropy, rms_norm, rotary, swiglu
+    from longtrain.kernels.extension import extension
+    from longtrain.trainer.model.layers import rotary_tables
+    if extension() is None:
+        print("\nlayer kernels: extension not built, skipped")
+        return
+    g = torch.Generator().manual_seed(0)
+    cos, sin = rotary_tables(tokens, d_model // heads, 10000.0)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        size = torch.finfo(dtype).bits // 8
+        x = torch.randn(1, tokens, d_model, generator=g).requires_grad_()
+        w = torch.ones(d_model, requires_grad=True)
+        gate, up = (torch.randn(1, tokens, hidden, generator=g).to(dtype).requires_grad_() for _ in range(2))
+        q = torch.randn(1, tokens, heads, d_model // heads, generator=g).to(dtype).requires_grad_()
+        logits = torch.randn(*vocab_chunk, generator=g).to(dtype)
+        targets = torch.randint(0, vocab_chunk[1], vocab_chunk[:1], generator=g)
+
+        def norm(backend):
+            rms_norm.rms_norm(x, w, 1e-5, out_dtype=dtype, backend=backend).backward(torch.ones(x.shape, dtype=dtype))
+
+        def glu(backend):
+            swiglu.swiglu(gate, up, backend=backend).backward(torch.ones_like(gate))
+
+        def rope(backend):
+            rotary.apply_rotary(q, cos, sin, backend=backend).backward(torch.ones_like(q))
+
+        def loss(backend):
+            cross_entropy.cross_entropy_grad_(logits.clone(), targets, backend=backend)
+
+        n_x, n_h, n_q, n_l = x.numel(), gate.numel(), q.numel(), logits.numel()
+        cases = [  # (name, run, least bytes: forward + backward)
+            ("RMSNorm (tokens x d_model), out in the run dtype", norm, n_x * (4 + size) + n_x * (size + 4 + 4)),
+            ("SwiGLU silu(gate) * up (tokens x hidden)", glu, n_h * 3 * size + n_h * 5 * size),
+            ("rotary on q (tokens x heads x head_dim)", rope, n_q * 2 * size * 2),
+            ("cross-entropy + gradient, one loss chunk (tokens x vocab)", loss, n_l * 2 * size),
+        ]
+        for name, run, least in cases:
+            best = {"csrc": math.inf, "torch": math.inf}
+            for backend in best:  # warm-up: first-call dispatch and allocations
+                run(backend)
+            for _ in range(repeats):
+                for backend in best:
+                    for leaf in (x, w, gate, up, q):
+                        leaf.grad = None
+                    start = time.perf_counter()
+                    run(backend)
+                    best[backend] = min(best[backend], time.perf_counter() - start)
+            rows.append([str(dtype).replace("torch.", ""), name, fmt_time(best["csrc"]), fmt_time(best["torch"]),
+                         f"{best['torch'] / best['csrc']:.1f}x", f"{least / bandwidth / best['csrc']:.0%}"])
+    print_table(f"memory-bound layer kernels, fwd+bwd, {tokens} tokens, d_model {d_model}, hidden {hidden}, "
+                f"{heads} heads (the train_throughput model)", rows,
+                ["dtype", "op", "ours (csrc)", "torch ops", "torch / ours", "ours vs copy bandwidth"])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ same-size `transformers` models (Llama for attention, Mamba for Mamba) trained b
 Every (model, length) runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own;
 `act MiB` is that peak minus the resident memory after the model and optimizer were built, i.e. what
 training at that length adds. longtrain trains through its DeepSpeed engine and its decoder's own
-loss (chunked linear + cross-entropy, no full logits), as `longtrain train` does; the peers through torch.optim.AdamW with the same settings, on the same seeded token batches
+loss (chunked linear + cross-entropy, no full logits), with its CPU kernels (attention, the loss's
+softmax, RMSNorm, SwiGLU, rotary) and fused AdamW, as `longtrain train` does; the peers through
+torch.optim.AdamW with the same settings and their own modules, on the same seeded token batches
 (batch 1). MFU is the longtrain model's FLOPs per token (PaLM appendix convention, see
 trainer/metrics.py; a peer of the same size counts the same FLOPs) times tokens/s over the float32
 matmul rate measured here before the runs, of the precision of the run. A row's time is its fastest

@@ -51,3 +51,20 @@ def test_ratio_lines(capsys):
                         row("transformers Llama", "bf16", 1500.0)])
     best = [line for line in capsys.readouterr().out.splitlines() if "best" in line]
     assert len(best) == 1 and "1.50x" in best[0] and "(bf16 vs fp32" in best[0]
+
+
+def test_layer_kernel_table_runs_both_backends(capsys):
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    kernels.layer_kernels(bandwidth=1e10, repeats=1, tokens=64, d_model=32, hidden=48, heads=2, vocab_chunk=(16, 50))
+    out = capsys.readouterr().out
+    from longtrain.kernels.extension import extension
+    if extension() is None:
+        assert "extension not built" in out
+        return
+    rows = [line for line in out.splitlines() if line.startswith(("float32 ", "bfloat16 "))]
+    assert len(rows) == 8  # four ops, two dtypes
+    for row in rows:  # two timings, then the ratio and the share of bandwidth (values vary with the machine)
+        assert row.count(" ms") == 2 and row.rstrip().endswith("%"), row
+        float([cell for cell in row.split() if cell.endswith("x")][-1][:-1])
