@@ -78,8 +78,8 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100, backend=None):
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy_grad_: logits must be (rows, vocab) and targets (rows,), got "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)}")
-    valid = targets[targets != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= logits.shape[1]):
+    valid = targets[targets != ignore_index] if targets.device.type == "cpu" else None  # no sync on GPUs
+    if valid is not None and valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= logits.shape[1]):
         raise ValueError(f"cross_entropy_grad_: a target is outside the vocabulary [0, {logits.shape[1]})")
     chosen = registry.select(backend, logits.device, logits.dtype, rows_contiguous=logits.stride(-1) == 1)
     return chosen.fn(logits, targets.long(), ignore_index)
