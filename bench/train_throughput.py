@@ -4,19 +4,23 @@ same-size `transformers` models (Llama for attention, Mamba for Mamba) trained b
     python bench/train_throughput.py                                  # every model, 256 to 8k tokens, fp32 and bf16
     python bench/train_throughput.py --seq-lens 1k,2k,4k,8k,16k,32k --steps 3 --timeout 900
     python bench/train_throughput.py --models "longtrain A,transformers Llama" --seq-lens 4k --precisions fp32,bf16
+    python bench/train_throughput.py --precisions bf16 --seq-lens 1k,2k,4k,8k --plot throughput.png
 
 Every (model, length) runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own;
 `act MiB` is that peak minus the resident memory after the model and optimizer were built, i.e. what
-training at that length adds. longtrain trains through its DeepSpeed engine and its decoder's own
-loss (chunked linear + cross-entropy, no full logits), with its CPU kernels (attention, the loss's
-softmax, RMSNorm, SwiGLU, rotary) and fused AdamW, as `longtrain train` does; the peers through
-torch.optim.AdamW with the same settings and their own modules, on the same seeded token batches
-(batch 1). MFU is the longtrain model's FLOPs per token (PaLM appendix convention, see
-trainer/metrics.py; a peer of the same size counts the same FLOPs) times tokens/s over the float32
-matmul rate measured here before the runs, of the precision of the run. A row's time is its fastest
-timed step (after one warm-up step) over `--repeats` fresh processes, which run round robin with the
-other rows of the same length so that a slow spell of a shared machine hits them all;
-`--json` also keeps every step and the median.
+training at that length adds. After the table come the ratios to the peers, then the growth of `act MiB`
+between the two longest lengths, as MiB per 1k tokens and as the exponent k of memory ~ length**k
+(1: linear, 2: quadratic); `--plot` draws tokens/s, MFU and activation memory against the length.
+
+longtrain trains through its DeepSpeed engine and its decoder's own loss (chunked linear +
+cross-entropy, no full logits), with its CPU kernels (attention, the loss's softmax, RMSNorm, SwiGLU,
+rotary) and fused AdamW, as `longtrain train` does; the peers through torch.optim.AdamW with the same
+settings and their own modules, on the same seeded token batches (batch 1). MFU is the longtrain
+model's FLOPs per token (PaLM appendix convention, see trainer/metrics.py; a peer of the same size
+counts the same FLOPs) times tokens/s over the matmul rate of the run's precision, measured here
+before the runs. A row's time is its fastest timed step (after one warm-up step) over `--repeats`
+fresh processes, which run round robin with the other rows of the same length so that a slow spell
+of a shared machine hits them all; `--json` also keeps every step and the median.
 
 Precisions: `fp32` trains in float32; `bf16` trains both frameworks under the same
 torch.autocast(bfloat16) with float32 weights and optimizer (longtrain's `train.bf16: true`, and the
@@ -220,6 +224,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300, help="seconds per (model, length) subprocess")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="also draw tokens/s, MFU and activation memory against the sequence length to this PNG")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -271,6 +277,9 @@ def main(argv=None) -> int:
                   f"{100 * r['mfu']:>6.1f} {r['peak_rss_bytes'] / 2**20:>9,.0f} {r['activation_bytes'] / 2**20:>8,.0f} "
                   f"{r['wall_tokens_per_s']:>10,.0f}", flush=True)
     print_ratios(results)
+    print_memory_growth(results)
+    if args.plot:
+        print(f"# plot: {plot_results(results, args.plot, peaks)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"peak_flops": peaks, "args": spec_args, "results": results}, f, indent=1)
@@ -297,6 +306,70 @@ def print_ratios(results: list[dict]) -> None:
     if lines:
         print("\n# longtrain / transformers, same shapes, same batches")
         print("\n".join(lines))
+
+
+def memory_growth(results: list[dict]) -> dict:
+    """(model, precision) -> (MiB per 1k tokens, exponent k) of activation memory against the length, over
+    the two longest lengths measured: memory ~ length**k, so k near 1 is linear growth (plus a constant
+    part, which pulls k below 1), k near 2 quadratic."""
+    growth = {}
+    for key in sorted({(r["model"], r["precision"]) for r in results if "error" not in r}):
+        points = sorted((r["seq_len"], r["activation_bytes"]) for r in results
+                        if "error" not in r and (r["model"], r["precision"]) == key)
+        if len(points) < 2:
+            continue
+        (n0, m0), (n1, m1) = points[-2], points[-1]
+        slope = (m1 - m0) / 2**20 / ((n1 - n0) / 1024)
+        exponent = math.log(m1 / m0) / math.log(n1 / n0) if m0 > 0 and m1 > 0 else float("nan")
+        growth[key] = (slope, exponent, n0, n1)
+    return growth
+
+
+def print_memory_growth(results: list[dict]) -> None:
+    growth = memory_growth(results)
+    if growth:
+        print("\n# activation memory against length, between the two longest lengths (memory ~ length**k)")
+        for (model, precision), (slope, exponent, n0, n1) in growth.items():
+            print(f"{model:<20} {precision}: {slope:7.1f} MiB per 1k tokens, k = {exponent:4.2f} ({n0} -> {n1} tokens)")
+
+
+def plot_results(results: list[dict], path: str, peaks: dict) -> str:
+    """Tokens/s, MFU and activation memory against the sequence length (log-log), one line per
+    (model, precision), peers dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = [r for r in results if "error" not in r]
+    fig, (speed_ax, mfu_ax, memory_ax) = plt.subplots(1, 3, figsize=(17, 5))
+    lengths = sorted({r["seq_len"] for r in good})
+    for model, precision in sorted({(r["model"], r["precision"]) for r in good}):
+        rows = sorted((r for r in good if (r["model"], r["precision"]) == (model, precision)), key=lambda r: r["seq_len"])
+        x = [r["seq_len"] for r in rows]
+        style = dict(marker="o", linestyle="-" if MODELS[model][0] == "longtrain" else "--", label=f"{model} ({precision})")
+        speed_ax.plot(x, [r["tokens_per_s"] for r in rows], **style)
+        mfu_ax.plot(x, [100 * r["flops_per_token"] * r["tokens_per_s"] / peaks[precision] for r in rows], **style)
+        memory_ax.plot(x, [r["activation_bytes"] / 2**20 for r in rows], **style)
+    if good:
+        # A line of slope 1 through the smallest memory at the longest length: parallel curves grow linearly.
+        top = min((r for r in good if r["seq_len"] == lengths[-1]), key=lambda r: r["activation_bytes"])
+        memory_ax.plot(lengths, [top["activation_bytes"] / 2**20 * n / lengths[-1] for n in lengths],
+                       color="grey", linestyle=":", label="linear in length (reference)")
+    for ax in (speed_ax, mfu_ax, memory_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths])
+        ax.set_xlabel("sequence length (tokens, log scale)")
+        ax.grid(True, alpha=0.3)
+    speed_ax.set(ylabel="training throughput (tokens / s)", title="Throughput, batch 1")
+    mfu_ax.set(ylabel="MFU (% of the measured matmul peak of the precision)", title="Model FLOPs utilization")
+    memory_ax.set_yscale("log", base=2)
+    memory_ax.set(ylabel="activation memory (MiB, log scale)", title="Memory training adds (peak RSS - setup RSS)")
+    speed_ax.legend(fontsize=7)
+    memory_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -18,20 +18,46 @@ def load_bench():
 def test_tiny_run_prints_rows_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--models", "longtrain A",
-                           "--seq-lens", "64", "--steps", "1", "--precisions", "fp32,bf16", "--d-model", "32",
-                           "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--json", str(out)],
+                           "--seq-lens", "64,128", "--steps", "1", "--precisions", "fp32,bf16", "--d-model", "32",
+                           "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--json", str(out),
+                           "--plot", str(tmp_path / "bench.png")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "measured matmul peak" in proc.stdout and "bf16" in proc.stdout
     data = json.loads(out.read_text())
-    rows = {r["precision"]: r for r in data["results"]}
+    assert sorted((r["precision"], r["seq_len"]) for r in data["results"]) == [
+        ("bf16", 64), ("bf16", 128), ("fp32", 64), ("fp32", 128)]
+    rows = {r["precision"]: r for r in data["results"] if r["seq_len"] == 128}
     assert set(rows) == {"fp32", "bf16"} and set(data["peak_flops"]) == {"fp32", "bf16"}
+    assert "MiB per 1k tokens" in proc.stdout
+    from PIL import Image
+    with Image.open(tmp_path / "bench.png") as image:
+        assert image.format == "PNG" and image.size[0] > 1000
     for precision, r in rows.items():
         assert "error" not in r, r
         assert r["tokens_per_s"] == r["seq_len"] / r["seconds_per_step"] > 0
         assert r["seconds_per_step"] == min(r["cpu_seconds"])
         assert abs(r["mfu"] - r["flops_per_token"] * r["tokens_per_s"] / data["peak_flops"][precision]) < 1e-9
         assert 0 < r["mfu"] < 1.5
+
+
+def test_memory_growth_from_known_figures(capsys):
+    bench = load_bench()
+    mib = 2**20
+
+    def row(model, seq_len, activation_mib):
+        return {"model": model, "precision": "bf16", "seq_len": seq_len, "activation_bytes": activation_mib * mib}
+
+    growth = bench.memory_growth([row("longtrain A", 1024, 50), row("longtrain A", 2048, 100), row("longtrain A", 4096, 200),
+                                  row("transformers Llama", 2048, 100), row("transformers Llama", 4096, 400),
+                                  {"model": "longtrain M", "precision": "bf16", "seq_len": 8192, "error": "over 300 s"}])
+    slope, exponent, n0, n1 = growth[("longtrain A", "bf16")]
+    assert (slope, exponent, n0, n1) == (50.0, 1.0, 2048, 4096)
+    slope, exponent, _, _ = growth[("transformers Llama", "bf16")]
+    assert slope == 150.0 and abs(exponent - 2.0) < 1e-12
+    assert ("longtrain M", "bf16") not in growth
+    bench.print_memory_growth([row("longtrain A", 1024, 50), row("longtrain A", 2048, 100)])
+    assert "50.0 MiB per 1k tokens, k = 1.00" in capsys.readouterr().out
 
 
 def test_ratio_lines(capsys):
