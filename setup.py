@@ -38,7 +38,9 @@ def extensions():
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     if not sources:
         return [], {}
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+    # -fno-trapping-math (as torch itself builds): without it GCC will not if-convert the float clamps in
+    # exp_approx, and the AVX2 clones of every loop calling it stay scalar (AVX-512 masks hide this).
+    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-fno-trapping-math"]
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     use_cuda = bool(torch.version.cuda) and bool(os.environ.get("CUDA_HOME") or cpp_extension.CUDA_HOME) and cuda_sources
     if use_cuda:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +60,19 @@ def test_memory_growth_from_known_figures(capsys):
     assert ("longtrain M", "bf16") not in growth
     bench.print_memory_growth([row("longtrain A", 1024, 50), row("longtrain A", 2048, 100)])
     assert "50.0 MiB per 1k tokens, k = 1.00" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bf16_rate, expected", [(1e9, ["fp32"]), (1e12, ["bf16", "fp32"])])
+def test_auto_precisions_leave_out_emulated_bf16(monkeypatch, capsys, tmp_path, bf16_rate, expected):
+    bench = load_bench()
+    monkeypatch.setattr(bench, "matmul_peak", lambda threads, precision="fp32": bf16_rate if precision == "bf16" else 5e10)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models", "longtrain A", "--seq-lens", "32", "--steps", "1", "--d-model", "32", "--heads", "2",
+                       "--kv-heads", "1", "--vocab", "64", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert sorted(r["precision"] for r in data["results"]) == expected
+    assert sorted(data["peak_flops"]) == expected
+    assert ("bf16 left out" in capsys.readouterr().out) == (expected == ["fp32"])
 
 
 def test_ratio_lines(capsys):
