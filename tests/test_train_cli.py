@@ -28,6 +28,18 @@ def test_tiny_run_writes_outputs_and_learns(tiny):
     assert "MFU" in proc.stdout and "tok/s" in proc.stdout
 
 
+def test_bf16_run_learns_and_notes_emulated_bfloat16(tiny):
+    recipe, path = tiny
+    proc = run_cli("train", path, "train.steps=24", "train.bf16=true", check=True)
+    evals = [r["eval_loss"] for r in read_metrics(Path(recipe["run"]["dir"])) if "eval_loss" in r]
+    assert evals[-1] < evals[0] * 0.9, evals
+    from longtrain.trainer.metrics import measured_matmul_flops
+    cpu = torch.device("cpu")
+    # Rates differ many times over either way (emulated: ~70x slower; AVX512-BF16: ~2x faster).
+    emulated = measured_matmul_flops(cpu, torch.bfloat16) < measured_matmul_flops(cpu)
+    assert ("torch emulates them" in proc.stdout) == emulated, proc.stdout
+
+
 def one_line_error(proc):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "WARNING" not in line]

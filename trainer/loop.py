@@ -216,7 +216,13 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch) 
         if saved_batch is not None and saved_batch != loader.global_batch_size:
             log.print(f"note: global batch {saved_batch} -> {loader.global_batch_size} sequences per step "
                       "(micro_batch_size * grad_accum * dp); the loss curve will not continue the old run's exactly")
-    peak_flops = measured_matmul_flops(device)
+    # MFU is against the matmul rate of the run's precision (bfloat16 under train.bf16), as on GPUs.
+    peak_flops = measured_matmul_flops(device, torch.bfloat16 if recipe.train.bf16 else torch.float32)
+    if recipe.train.bf16 and device.type == "cpu":
+        fp32_flops = measured_matmul_flops(device)
+        if peak_flops < fp32_flops:
+            log.print(f"note: train.bf16 on this CPU: bfloat16 matmuls run at {peak_flops / 1e9:.1f} GFLOP/s, float32 at "
+                      f"{fp32_flops / 1e9:.1f} (no AVX512-BF16 or AMX, so torch emulates them); train.bf16=false is faster here")
     tokens_per_step = loader.global_batch_size * recipe.data.seq_len
     stop = StopSignal()
     recipe_text = (run_dir / "recipe.yaml").read_text() if rank == 0 else ""
