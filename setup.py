@@ -88,7 +88,6 @@ setup(
         "test": ["pytest>=7", "pytest-timeout"],
         "gpu": ["flash-attn", "mamba-ssm"],
         "bench": ["transformers>=4.40"],  # the peers of bench/train_throughput.py (Llama, Mamba), random init
-
     },
     entry_points={"console_scripts": ["longtrain = longtrain.launch.cli:main"]},
 )

@@ -1,7 +1,7 @@
 """Training throughput, MFU and peak memory by layer pattern and sequence length, side by side with
 same-size `transformers` models (Llama for attention, Mamba for Mamba) trained by a plain PyTorch loop.
 
-    python bench/train_throughput.py                                  # every model, 256 to 8k tokens, fp32 (and bf16, see below)
+    python bench/train_throughput.py                                  # every model, 256 to 8k tokens, fp32 (+ bf16, below)
     python bench/train_throughput.py --seq-lens 1k,2k,4k,8k,16k,32k --steps 3 --timeout 900
     python bench/train_throughput.py --models "longtrain A,transformers Llama" --seq-lens 4k --precisions fp32,bf16
     python bench/train_throughput.py --precisions bf16 --seq-lens 1k,2k,4k,8k --plot throughput.png
@@ -23,9 +23,9 @@ fresh processes, which run round robin with the other rows of the same length so
 of a shared machine hits them all; `--json` also keeps every step and the median.
 
 Precisions (default `auto`: fp32, plus bf16 where the CPU multiplies bfloat16 at least as fast as
-float32, i.e. has AVX512-BF16 or AMX): `fp32` trains in float32; `bf16` trains both frameworks under the same
-torch.autocast(bfloat16) with float32 weights and optimizer (longtrain's `train.bf16: true`, and the
-standard mixed-precision loop for the peer). Its MFU is against the measured bfloat16 matmul rate.
+float32, i.e. has AVX512-BF16 or AMX): `fp32` trains in float32; `bf16` trains both frameworks under
+the same torch.autocast(bfloat16) with float32 weights and optimizer (longtrain's `train.bf16: true`,
+and the standard mixed-precision loop for the peer). Its MFU is against the measured bfloat16 matmul rate.
 On CPUs with AVX512-BF16 longtrain's attention then multiplies bfloat16 with float32 accumulation
 (csrc/common/cpu_bf16_gemm.h); torch's SDPA does its own bfloat16 path.
 
