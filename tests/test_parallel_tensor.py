@@ -26,8 +26,8 @@ def _check(rank, world):
     from longtrain.trainer.model.decoder import Decoder, lm_loss
     from longtrain.trainer.parallel.mesh import build_mesh
     from longtrain.trainer.parallel.plan import block_parameters
-    from longtrain.trainer.parallel.tensor import (TensorParallelLinears, load_dense_shards, parallel_lm_loss,
-                                                   parallel_logits, shard_dim)
+    from longtrain.trainer.parallel.tensor import (TensorParallelLinears, head_weight, load_dense_shards,
+                                                   parallel_linear_loss, shard_dim)
 
     mesh = build_mesh(tp=world)
     assert mesh.coordinates == {"tp": rank, "cp": 0, "dp": 0, "pp": 0}
@@ -41,9 +41,11 @@ def _check(rank, world):
         counts = block_parameters(cfg, mesh.tp)
         assert [counts[c] for c in cfg.pattern] == [sum(p.numel() for p in b.parameters()) for b in sharded.blocks]
         tokens, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+        targets[0, :3] = -100  # not scored
         loss = lm_loss(dense(tokens), targets)
         loss.backward()
-        parallel_loss = parallel_lm_loss(parallel_logits(sharded, sharded.hidden(tokens), mesh), targets, mesh)
+        # the chunked vocab-parallel loss, in chunks of 5 tokens (the last one short) against the dense logits
+        parallel_loss = parallel_linear_loss(sharded.hidden(tokens), head_weight(sharded), targets, mesh, chunk=5)
         parallel_loss.backward()
         errors[f"loss tie={tie}"] = _rel(parallel_loss.detach(), loss.detach())
         for (name, p), (_, q) in zip(dense.named_parameters(), sharded.named_parameters()):

@@ -24,8 +24,8 @@ from longtrain.trainer.model.layers import Linears
 from longtrain.trainer.parallel.context import apply_context_parallel, zigzag_split
 from longtrain.trainer.parallel.mesh import Mesh
 from longtrain.trainer.parallel.pipeline import build_pipeline, load_dense
-from longtrain.trainer.parallel.tensor import (TensorParallelLinears, load_dense_shards, parallel_lm_loss,
-                                               parallel_logits)
+from longtrain.trainer.parallel.tensor import (TensorParallelLinears, head_weight, load_dense_shards,
+                                               parallel_linear_loss)
 
 
 class MeshMPU:
@@ -67,7 +67,7 @@ class MeshMPU:
 
 
 class ParallelLM(nn.Module):
-    """(tokens, targets) -> mean loss over this rank's tokens; vocab-parallel when tp > 1."""
+    """(tokens, targets) -> mean loss over this rank's tokens; vocab-parallel when tp > 1, without the logits."""
 
     def __init__(self, decoder: Decoder, mesh: Mesh):
         super().__init__()
@@ -75,8 +75,7 @@ class ParallelLM(nn.Module):
         self.mesh = mesh
 
     def forward(self, tokens, targets):
-        logits = parallel_logits(self.decoder, self.decoder.hidden(tokens), self.mesh)
-        return parallel_lm_loss(logits, targets, self.mesh)
+        return parallel_linear_loss(self.decoder.hidden(tokens), head_weight(self.decoder), targets, self.mesh)
 
 
 class ParallelRun:
@@ -248,5 +247,7 @@ def set_lockstep(module: nn.Module, group) -> None:
             block.lockstep_sum = functools.partial(_sum_over, group=group)
 
 
-def _pipeline_loss(logits, targets, mesh):
-    return nonfinite_loss_poisons_gradients(parallel_lm_loss(logits, targets, mesh))
+def _pipeline_loss(outputs, targets, mesh):
+    """The last stage's loss: outputs is (hidden, head weight shard) (trainer/parallel/pipeline.py)."""
+    hidden, weight = outputs
+    return nonfinite_loss_poisons_gradients(parallel_linear_loss(hidden, weight, targets, mesh))

@@ -12,7 +12,6 @@ megatron-core's tp-cp-dp-pp order, so DeepSpeed's data-parallel groups are megat
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from longtrain.trainer.model.decoder import make_block
@@ -34,8 +33,9 @@ class EmbeddingStage(nn.Module):
 
 
 def tied_head(stage: EmbeddingStage, hidden):
-    """Logits from the embedding's own (vocab-shard) weight; the input's gradient is summed over tp."""
-    return F.linear(stage.shared_input(hidden), stage.embed.weight).float()
+    """(hidden, the embedding's own vocab-shard weight): the loss function forms the logits chunk by chunk
+    (trainer/parallel/tensor.py parallel_linear_loss), so the last stage never holds them whole."""
+    return hidden, stage.embed.weight
 
 
 class BlockStage(nn.Module):
@@ -62,7 +62,8 @@ class HeadStage(nn.Module):
         self.head = linears.column(cfg.d_model, cfg.vocab_size)
 
     def forward(self, x):
-        return self.head(x).float()
+        """(hidden, the head's vocab-shard weight), for the chunked loss, as `tied_head`."""
+        return x, self.head.weight
 
 
 def layer_specs(cfg, linears, attention_backend="auto", scan_backend="auto") -> list:

@@ -2,8 +2,9 @@
 
 column(in, out) is ColumnParallelLinear(gather_output=False): input replicated, output this rank's
 slice; row(in, out) is RowParallelLinear(input_is_parallel=True): input sliced, output all-reduced;
-embedding is VocabParallelEmbedding and the loss vocab_parallel_cross_entropy. These run on CPU
-untouched. Megatron's seeding (`model_parallel_cuda_manual_seed`) is CUDA-only, so weights are not
+embedding is VocabParallelEmbedding. These run on CPU untouched. The loss (`parallel_linear_loss`) is
+our own: megatron-core's vocab_parallel_cross_entropy takes the logits, which would exist for every
+token at once (64 GB in float32 at a vocab of 128k and 128k tokens per rank). Megatron's seeding (`model_parallel_cuda_manual_seed`) is CUDA-only, so weights are not
 initialised here: every rank builds the same dense model from one seed and takes its shard of each
 tensor (`load_dense_shards`), which also makes a tensor-parallel model equal to its dense twin.
 """
@@ -151,34 +152,92 @@ def gather_dense(model: nn.Module, dense_shapes: dict, group, tp: int) -> dict:
     return out
 
 
-def parallel_logits(decoder, hidden: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    """This rank's vocab slice of the logits, (batch, seq, vocab / tp) float32.
-
-    A tied head multiplies by the vocab-parallel embedding's own shard; its input must then pass
-    megatron's copy-to-tensor-parallel region (identity forward, all-reduce of the gradient backward),
-    which an untied ColumnParallelLinear head already does inside."""
-    if mesh.tp > 1 and decoder.head is None:
-        hidden = copy_to_tensor_parallel(hidden, mesh.tp_group)
-    return decoder.logits(hidden)
-
-
 IGNORE_INDEX = -100  # targets outside the loss (cross-entropy's default ignore_index)
 
 
-def parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mesh: Mesh) -> torch.Tensor:
-    """This rank's share of the micro-batch's mean next-token cross-entropy, scaled so that averaging
-    over the cp ranks (as the dp x cp gradient average does) gives the mean over the whole sequences'
-    scored tokens: cp * (sum over my scored tokens) / (scored tokens over the cp group). Targets equal
-    to -100 are not scored. logits: (batch, seq, vocab / tp) float32, vocab-parallel when tp > 1."""
-    scored = targets != IGNORE_INDEX
-    safe = targets.masked_fill(~scored, 0)
-    if mesh.tp == 1:
-        per_token = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe.reshape(-1),
-                                                reduction="none").view_as(targets)
-    else:
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-        per_token = vocab_parallel_cross_entropy(logits, safe)
-    count = scored.sum().to(torch.float64)
+def _scale_by_scored(total: torch.Tensor, targets: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """cp * total / (scored tokens over the cp group): averaged over the cp ranks, the mean per scored token."""
+    count = (targets != IGNORE_INDEX).sum().to(torch.float64)
     if mesh.cp > 1:
         torch.distributed.all_reduce(count, group=mesh.cp_group)
-    return (per_token * scored).sum() * (mesh.cp / count.clamp(min=1)).to(per_token.dtype)
+    return total * (mesh.cp / count.clamp(min=1)).to(total.dtype)
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of hidden @ weight^T where `weight` is this rank's vocab shard (rows
+    vocab_start .. vocab_start + shard of the dense head), with both input gradients formed in the
+    forward, one chunk of tokens at a time: the decoder's fused linear cross-entropy
+    (trainer/model/decoder.py) made vocab-parallel as megatron-core's vocab_parallel_cross_entropy is
+    (max and sum of exponentials all-reduced over the tp group), so neither the full-vocab logits nor
+    even this shard's (tokens, vocab / tp) logits exist at once. Softmax, loss and the weight
+    gradient's sum in float32 (float64 for float64); products in hidden's dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_start, group, chunk, with_grad):
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        ctx.weight_dtype = weight.dtype
+        w = weight.to(hidden.dtype)
+        shard = w.shape[0]
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if with_grad else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ w.t()).to(acc)  # (chunk, shard)
+            local = t - vocab_start
+            mine = (local >= 0) & (local < shard)  # ignored targets (-100) are never this rank's
+            row_max = logits.amax(dim=-1)
+            if group is not None:
+                torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=group)
+            logits.sub_(row_max[:, None])
+            picked = logits.gather(1, local.clamp(0, shard - 1)[:, None]).squeeze(1)
+            logits.exp_()
+            stats = torch.stack([logits.sum(dim=-1), torch.where(mine, picked, 0.0)])  # one all-reduce for both
+            if group is not None:
+                torch.distributed.all_reduce(stats, group=group)
+            sum_exp, target_logit = stats
+            scored = (t != IGNORE_INDEX).to(acc)
+            total += ((sum_exp.log() - target_logit) * scored).sum()
+            if with_grad:  # d loss / d logits = softmax - one_hot, zero on ignored rows
+                logits.mul_((scored / sum_exp)[:, None])
+                rows = torch.nonzero(mine).squeeze(1)
+                logits[rows, local[rows]] -= 1.0
+                g = logits.to(hidden.dtype)
+                grad_hidden[start:start + chunk] = g @ w
+                grad_weight += (g.t() @ h).to(acc)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad.to(grad_hidden.dtype), (grad_weight * grad).to(ctx.weight_dtype),
+                None, None, None, None, None)
+
+
+def head_weight(decoder) -> torch.Tensor:
+    """The output projection's weight, (vocab / tp, d_model): the tied embedding's shard or the head's."""
+    return decoder.embed.weight if decoder.head is None else decoder.head.weight
+
+
+def parallel_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mesh: Mesh,
+                         chunk: int | None = None) -> torch.Tensor:
+    """This rank's share of the micro-batch's mean next-token cross-entropy of the logits hidden @ weight^T,
+    without the logits, scaled so that averaging over the cp ranks (as the dp x cp gradient average does)
+    gives the mean over the whole sequences' scored tokens: cp * (sum over my scored tokens) / (scored
+    tokens over the cp group). hidden (batch, seq, d_model); weight this tp rank's vocab shard
+    (vocab / tp, d_model); targets (batch, seq), -100 not scored.
+    Under autocast the products run in its dtype, as F.linear's would. chunk: tokens per piece
+    (default: about 4 Mi logits of the shard). Collective over the tp group (and the cp group)."""
+    group = mesh.tp_group if mesh.tp > 1 else None
+    if group is not None:  # each rank's product covers its vocab shard: hidden's gradient is summed over tp
+        hidden = copy_to_tensor_parallel(hidden, group)
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        hidden = hidden.to(torch.get_autocast_dtype(device))
+    chunk = chunk or max(128, (4 << 20) // weight.shape[0])
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.autocast(device, enabled=False):
+        total = _VocabParallelLinearCrossEntropy.apply(hidden.flatten(0, 1), weight, targets.flatten(),
+                                                       mesh.coordinates["tp"] * weight.shape[0], group, chunk, with_grad)
+    return _scale_by_scored(total, targets, mesh)
