@@ -9,24 +9,79 @@ task, a prompt is that task's symbols separated by spaces (default: the first he
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
+
+from longtrain.trainer.run_dir import check_writable_dir
+from longtrain.trainer.errors import LongtrainError
+
+MIN_TEMPERATURE = 1e-3  # below it sampling is greedy but for rounding, and logits / T can overflow float32
+
+
+def _positive(args, *names) -> None:
+    """Each named option, when given, is an int > 0; else a LongtrainError naming it."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise LongtrainError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+
+
+def _check_lengths(text: str | None, train_length: int, fix: str) -> list[int]:
+    """--lengths parsed at `train_length` (trainer/eval.py), each item a positive number of tokens."""
+    from longtrain.trainer.eval import parse_lengths
+
+    lengths = parse_lengths(text, train_length)
+    for item, length in zip((text or "").split(","), lengths if text else []):
+        if length <= 0:
+            raise LongtrainError(f"--lengths {item.strip()!r} is {length} tokens: {fix}")
+    return lengths
+
+
+def check_eval_args(args) -> None:
+    """Refuse bad `longtrain eval` options before the checkpoint is loaded."""
+    _positive(args, "samples", "batch_size", "threads")
+    _check_lengths(args.lengths, 1 << 30, "a length must be a positive number of tokens")  # "0", "0k", "0x"
+    if args.out:
+        check_writable_dir(Path(args.out), f"--out {args.out!r}")
+
+
+def check_generate_args(args) -> None:
+    """Refuse bad `longtrain generate` options before the checkpoint is loaded."""
+    _positive(args, "max_new_tokens", "threads")
+    t = args.temperature
+    if not math.isfinite(t) or t < 0 or 0 < t < MIN_TEMPERATURE:
+        raise LongtrainError(f"--temperature {t}: use 0 for greedy decoding, or a finite temperature >= "
+                             f"{MIN_TEMPERATURE:g} to sample")
+    if not 0 < args.top_p <= 1:  # NaN fails too
+        raise LongtrainError(f"--top-p {args.top_p}: the nucleus mass must be in (0, 1] (1 keeps every token)")
+    if args.prompt == "":
+        raise LongtrainError("--prompt '' is empty: give at least one token of text, or leave --prompt out for the "
+                             "default prompt")
 
 
 def cmd_eval(args) -> int:
     import torch
 
-    from longtrain.trainer.eval import evaluate, load_checkpoint, parse_lengths, write_results
+    from longtrain.trainer.eval import evaluate, load_checkpoint, write_results
 
+    check_eval_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, recipe, run_dir, found = load_checkpoint(args.checkpoint)
     task = args.task or ("perplexity" if recipe.data.task == "text" else recipe.data.task)
-    lengths = parse_lengths(args.lengths, recipe.data.seq_len)
+    lengths = _check_lengths(args.lengths, recipe.data.seq_len,
+                             f"at the training length {recipe.data.seq_len}, use a larger multiple")
+    out_dir = Path(args.out) if args.out else run_dir / "eval"
+    if not args.out:
+        check_writable_dir(out_dir, f"the results directory {str(out_dir)!r} (pass --out to choose another)")
     start = time.perf_counter()
     results = evaluate(model, recipe, run_dir, task, lengths, samples=args.samples, batch_size=args.batch_size)
     results["checkpoint"] = str(found)
-    json_path, png_path = write_results(results, Path(args.out) if args.out else run_dir / "eval")
+    try:
+        json_path, png_path = write_results(results, out_dir)
+    except OSError as e:
+        raise LongtrainError(f"--out {str(out_dir)!r}: cannot write the results ({e.strerror or e})") from None
     print(f"eval {task} | {found} | training length {recipe.data.seq_len} | {time.perf_counter() - start:.1f} s")
     for length, entry in results["lengths"].items():
         ratio = f"{length / recipe.data.seq_len:g}x"
@@ -59,11 +114,14 @@ def cmd_generate(args) -> int:
     from longtrain.trainer.eval import load_checkpoint
     from longtrain.trainer.generate import generate
 
+    check_generate_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, recipe, run_dir, found = load_checkpoint(args.checkpoint)
     encode, decode, default_prompt = _codec(recipe, run_dir)
     prompt = encode(args.prompt if args.prompt is not None else default_prompt)
+    if not prompt:
+        raise LongtrainError(f"--prompt {args.prompt!r} encodes to no tokens: give some text")
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -74,7 +132,7 @@ def cmd_generate(args) -> int:
     else:
         print(decode(prompt) + " \u2192 " + decode(new) if recipe.data.task != "text" else decode(prompt + new))
         print(f"[{len(new)} tokens in {elapsed:.2f} s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s, "
-              f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature}, top-p {args.top_p}'}]")
+              f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}, top-p {args.top_p}'}]")
     return 0
 
 
@@ -94,8 +152,9 @@ def add_parsers(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint directory, or a run / checkpoints directory (newest checkpoint)")
     p.add_argument("--prompt", default=None, help="prompt text (default: 'def ', or a held-out task question)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help=f"0 is greedy; sampling takes a finite temperature >= {MIN_TEMPERATURE:g}")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (with temperature > 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

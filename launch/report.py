@@ -6,29 +6,54 @@ accuracy when the run trained on a synthetic task. Drawn with matplotlib's Agg b
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
+from longtrain.trainer.run_dir import check_writable_dir
 from longtrain.trainer.errors import LongtrainError
 
 
 def read_records(run_dir: Path) -> list[dict]:
+    """The JSON objects of <run>/metrics.jsonl. Lines that are not one (a killed run's half-written last line,
+    an edit) are skipped with one warning on stderr: the report draws what it can."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise LongtrainError(f"{path} not found: is {run_dir} a run directory?")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise LongtrainError(f"{path}:{number} is not a JSON record") from None
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise LongtrainError(f"{path} cannot be read ({e.strerror or e})") from None
+    records, skipped = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped.append(number)
+    if skipped:
+        lines_text = ", ".join(map(str, skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"longtrain: warning: {path}: skipped line(s) {lines_text}: not a JSON object", file=sys.stderr)
     return records
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of every record that holds `key` (and a step)."""
-    pairs = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+    """(steps, values) of every record that holds a finite number under `key` and a numeric step."""
+    pairs = [(r["step"], r[key]) for r in records if _number(r.get(key)) and _number(r.get("step"))]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _no_data(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} in metrics.jsonl", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
 def plot_report(run_dir: Path, out: Path | None = None) -> Path:
@@ -38,11 +63,14 @@ def plot_report(run_dir: Path, out: Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     records = read_records(run_dir)
-    if not any("loss" in r for r in records):
+    if not series(records, "loss")[0]:
         raise LongtrainError(f"{run_dir / 'metrics.jsonl'} holds no training records yet")
     out = out or run_dir / "plots" / "report.png"
     if out.suffix.lower() != ".png":
         out = out.with_name(out.name + ".png")  # savefig would add it anyway; report the real path
+    if out.is_dir():
+        raise LongtrainError(f"--out {str(out)!r} is a directory: give a file name ending in .png")
+    check_writable_dir(out.parent, f"the report's directory {str(out.parent)!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     has_accuracy = any("eval_accuracy" in r for r in records)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
@@ -66,9 +94,13 @@ def plot_report(run_dir: Path, out: Path | None = None) -> Path:
     steps, speed = series(records, "tokens_per_s")
     speed_ax.plot(steps, speed, color="tab:blue", marker=".")
     speed_ax.set(xlabel="optimizer step", ylabel="throughput (tokens / s)", title="Throughput and MFU")
-    speed_ax.set_ylim(0, 1.1 * max(speed))
+    if speed and max(speed) > 0:
+        speed_ax.set_ylim(0, 1.1 * max(speed))
+    else:
+        _no_data(speed_ax, "tokens_per_s records")
     # MFU is tokens/s times a constant (model FLOPs per token / measured peak): a second scale, not a second curve.
-    ratios = [r["mfu"] / r["tokens_per_s"] for r in records if r.get("tokens_per_s") and "mfu" in r]
+    ratios = [r["mfu"] / r["tokens_per_s"] for r in records
+              if _number(r.get("tokens_per_s")) and r["tokens_per_s"] > 0 and _number(r.get("mfu"))]
     if ratios:
         per_token = sum(ratios) / len(ratios)
         mfu_axis = speed_ax.secondary_yaxis("right", functions=(lambda t: 100 * t * per_token,
@@ -79,17 +111,24 @@ def plot_report(run_dir: Path, out: Path | None = None) -> Path:
     memory_ax.plot(steps, [m / 2 ** 20 for m in memory], color="tab:red", marker=".")
     memory_ax.set(xlabel="optimizer step", ylabel="peak memory (MiB)",
                   title="Peak memory (GPU allocated, or CPU resident set)")
-    memory_ax.set_ylim(0, 1.1 * max(memory) / 2 ** 20)
+    if memory and max(memory) > 0:
+        memory_ax.set_ylim(0, 1.1 * max(memory) / 2 ** 20)
+    else:
+        _no_data(memory_ax, "peak_memory_bytes records")
 
     for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.xaxis.set_tick_params(labelbottom=True)
-    final = next((r for r in reversed(records) if "final_loss" in r), None)
+    final = next((r for r in reversed(records) if _number(r.get("final_loss"))), None)
     title = f"{run_dir.name}" + (f" | final loss {final['final_loss']:.4f}" if final else " | in progress")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise LongtrainError(f"--out {str(out)!r} cannot be written ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -2,47 +2,66 @@
 
 Unknown keys are errors with a "did you mean" suggestion; cross-field checks are small named
 functions run by `Recipe.check`. Each component receives its own sub-config, never the whole recipe.
+
+Types are strict: an int field takes an int (not `true`, not `"5"`, not `5.0`), a float field an int or a
+finite float. The YAML is read by trainer/recipe_file.py (bounded safe loader, duplicate keys refused).
+An empty recipe file is refused: `{}` trains every default on purpose.
 """
 from __future__ import annotations
 
 import difflib
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from longtrain.trainer.errors import LongtrainError
+from longtrain.trainer.recipe_file import RecipeDumper, bounded, parse_yaml, read_recipe_file, short
 
 LAYER_LETTERS = {"A": "attention", "M": "mamba", "O": "ode", "F": "mlp"}
 PositiveInt = Field(gt=0)
 
 
+def _int64(value: int) -> int:
+    # Sizes end up in torch and numpy shapes (int64): a larger int cannot be a size, and would overflow
+    # float arithmetic (mlp_ratio * d_model) before the memory estimate could refuse it.
+    if not -(2 ** 63) <= value < 2 ** 63:
+        raise PydanticCustomError("int64", "Input should be less than 2^63 in magnitude (64-bit sizes)")
+    return value
+
+
+Int = Annotated[int, AfterValidator(_int64)]  # an AfterValidator keeps each field's own gt / ge bounds
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `steps: true` is not 1 and `steps: 2.5` is not 2; a float field still takes an int (3 -> 3.0).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class OdeConfig(Section):
     solver: Literal["euler", "midpoint", "rk4", "dopri5"] = "rk4"
-    steps: int = Field(4, gt=0, description="fixed-step solvers: number of steps over t in [0, 1]")
+    steps: Int = Field(4, gt=0, description="fixed-step solvers: number of steps over t in [0, 1]")
     rtol: float = Field(1e-3, gt=0)
     atol: float = Field(1e-4, gt=0)
-    max_steps: int = Field(64, gt=0, description="adaptive solvers: cap on accepted + rejected steps")
+    max_steps: Int = Field(64, gt=0, description="adaptive solvers: cap on accepted + rejected steps")
     adjoint: bool = False
     sublayer: Literal["mlp", "attention_mlp"] = "mlp"
 
 
 class ModelConfig(Section):
     pattern: str = "AMOF"
-    d_model: int = Field(128, gt=0)
-    n_heads: int = Field(4, gt=0)
-    n_kv_heads: int = Field(2, gt=0)
-    mlp_ratio: float = Field(8 / 3, gt=0)
-    vocab_size: int = Field(4000, gt=0)
-    d_state: int = Field(16, gt=0)
-    d_conv: int = Field(4, gt=0)
-    expand: int = Field(2, gt=0)
+    d_model: Int = Field(128, gt=0)
+    n_heads: Int = Field(4, gt=0)
+    n_kv_heads: Int = Field(2, gt=0)
+    mlp_ratio: float = Field(8 / 3, gt=0, description="MLP hidden width over d_model (F blocks, O blocks' f); "
+                             "0.25 to 64, see check_mlp_width")
+    vocab_size: Int = Field(4000, gt=0)
+    d_state: Int = Field(16, gt=0)
+    d_conv: Int = Field(4, gt=0)
+    expand: Int = Field(2, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     rope_scaling: float = Field(1.0, ge=1.0, description="linear position interpolation factor for length extension")
     tie_embeddings: bool = True
@@ -64,28 +83,28 @@ class ModelConfig(Section):
 
 
 class TokenizerConfig(Section):
-    vocab_size: int = Field(4000, gt=0)
+    vocab_size: Int = Field(4000, gt=0)
     model_type: Literal["bpe", "unigram"] = "bpe"
     path: str | None = Field(None, description="an existing sentencepiece .model; trained from the corpus when None")
 
 
 class PasskeyConfig(Section):
-    digits: int = Field(5, gt=0, description="digits of the hidden number")
+    digits: Int = Field(5, gt=0, description="digits of the hidden number")
     loss: Literal["answer", "full"] = Field("answer", description="loss on the answer digits only, or on every token")
 
 
 class MqarConfig(Section):
-    pairs: int = Field(8, gt=0, description="key-value pairs per sequence, each queried once")
-    keys: int = Field(64, gt=0, description="size of the key vocabulary")
-    values: int = Field(64, gt=0, description="size of the value vocabulary")
+    pairs: Int = Field(8, gt=0, description="key-value pairs per sequence, each queried once")
+    keys: Int = Field(64, gt=0, description="size of the key vocabulary")
+    values: Int = Field(64, gt=0, description="size of the value vocabulary")
 
 
 class DataConfig(Section):
     corpus: list[str] = Field(default_factory=lambda: ["stdlib"],
                               description="'stdlib' (Python's own sources), files, directories, or .jsonl files")
     text_field: str = "text"
-    max_bytes: int = Field(8_000_000, gt=0, description="read at most this many bytes of corpus")
-    seq_len: int = Field(256, gt=0)
+    max_bytes: Int = Field(8_000_000, gt=0, description="read at most this many bytes of corpus")
+    seq_len: Int = Field(256, gt=0)
     eval_fraction: float = Field(0.02, gt=0, lt=0.5)
     tokenizer: TokenizerConfig = TokenizerConfig()
     task: Literal["text", "passkey", "mqar"] = "text"
@@ -94,30 +113,30 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(300, gt=0)
-    micro_batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    steps: Int = Field(300, gt=0)
+    micro_batch_size: Int = Field(8, gt=0)
+    grad_accum: Int = Field(1, gt=0)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: Int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
-    max_nonfinite_steps: int = Field(5, ge=1, description="skipped steps (NaN or Inf gradients) in a row that stop "
+    max_nonfinite_steps: Int = Field(5, ge=1, description="skipped steps (NaN or Inf gradients) in a row that stop "
                                      "the run, after a checkpoint at that step")
     bf16: bool = False
     activation_checkpointing: bool = False
-    eval_interval: int = Field(50, gt=0)
-    eval_batches: int = Field(4, gt=0)
-    log_interval: int = Field(10, gt=0)
-    sample_tokens: int = Field(64, ge=0, description="tokens generated at the end of training (0: none)")
-    threads: int | None = Field(None, gt=0, description="CPU threads per process (None: torch's default)")
+    eval_interval: Int = Field(50, gt=0)
+    eval_batches: Int = Field(4, gt=0)
+    log_interval: Int = Field(10, gt=0)
+    sample_tokens: Int = Field(64, ge=0, description="tokens generated at the end of training (0: none)")
+    threads: Int | None = Field(None, gt=0, description="CPU threads per process (None: torch's default)")
 
 
 class CheckpointConfig(Section):
-    interval: int = Field(100, gt=0)
-    keep_last: int = Field(2, gt=0)
+    interval: Int = Field(100, gt=0)
+    keep_last: Int = Field(2, gt=0)
     reshardable: bool = Field(True, description="also write each parameter's slice and Adam moments keyed by "
                               "dense name, so the checkpoint loads under another tp/pp/cp/dp/ZeRO layout "
                               "(costs about one more copy of the model and optimizer state on disk)")
@@ -125,31 +144,45 @@ class CheckpointConfig(Section):
 
 class RunConfig(Section):
     dir: str | None = Field(None, description="run directory; default runs/<recipe name>")
-    seed: int = 0
+    seed: Int = 0
 
 
 class KernelsConfig(Section):
-    attention: str = "auto"
-    scan: str = "auto"
+    attention: str = Field("auto", description="auto, or a backend of kernels/attention.py to force")
+    scan: str = Field("auto", description="auto, or a backend of kernels/scan.py to force")
+
+    @field_validator("attention", "scan")
+    @classmethod
+    def _known_backend(cls, name: str, info) -> str:
+        """A name the op's registry knows. Whether that backend can run (device, build) is checked where it
+        runs; the recipe may be validated on another machine (`longtrain plan`, the Ray driver)."""
+        if name == "auto":
+            return name
+        from longtrain.kernels import attention, scan  # imports torch: only for a named backend
+        registry = {"attention": attention.registry, "scan": scan.registry}[info.field_name]
+        if name not in registry.names():
+            raise ValueError(f"kernels.{info.field_name}={short(name)} is not a backend; valid choices: auto, "
+                             f"{', '.join(registry.names())}")
+        return name
 
 
 class ParallelConfig(Section):
-    tp: int = Field(1, gt=0)
-    pp: int = Field(1, gt=0)
-    cp: int = Field(1, gt=0)
-    dp: int | None = Field(None, gt=0, description="data-parallel size; inferred from the world size when None")
-    zero_stage: int = Field(0, ge=0, le=3)
-    micro_batches: int = Field(1, gt=0, description="pipeline micro-batches per step (pp > 1)")
+    tp: Int = Field(1, gt=0)
+    pp: Int = Field(1, gt=0)
+    cp: Int = Field(1, gt=0)
+    dp: Int | None = Field(None, gt=0, description="data-parallel size; inferred from the world size when None")
+    zero_stage: Int = Field(0, ge=0, le=3)
+    micro_batches: Int = Field(1, gt=0, description="pipeline micro-batches per step (pp > 1)")
     collective_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer for a peer rank "
                                         "fails, naming the rank and the op (trainer/faults.py)")
 
 
 class LaunchConfig(Section):
     """How `longtrain launch ray` places workers; its command-line flags override these."""
-    num_workers: int | None = Field(None, gt=0, description="training processes; default parallel.tp*pp*cp*dp, or 1")
+    num_workers: Int | None = Field(None, gt=0, description="training processes; default parallel.tp*pp*cp*dp, or 1")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0, description="0: CPU workers on gloo; 1: one GPU per worker on nccl")
-    max_failures: int = Field(3, ge=-1, description="worker-group restarts before giving up (-1: unlimited)")
+    max_failures: Int = Field(3, ge=-1, description="worker-group restarts before giving up (-1: unlimited)")
 
 
 class Recipe(Section):
@@ -199,6 +232,28 @@ def check_vocab(r: Recipe) -> None:
                          f"model.vocab_size={r.model.vocab_size}; the embedding needs a row per piece")
 
 
+def check_mlp_width(r: Recipe) -> None:
+    # Below d_model / 4 the MLP is a bottleneck narrower than any published design (2 to 4, SwiGLU 8/3), and
+    # a tiny ratio rounds the hidden width to 0 (0.001 * 128): an F block that computes nothing. Above 64,
+    # the width is a typo, not a design; it also keeps mlp_ratio * d_model far from float overflow.
+    m = r.model
+    if m.mlp_ratio > 64:
+        raise ValueError(f"model.mlp_ratio={m.mlp_ratio:g} is wider than any MLP design; use 0.25 <= mlp_ratio <= 64 "
+                         "(published MLPs use 2 to 4, SwiGLU 8/3)")
+    if m.mlp_ratio < 0.25:
+        raise ValueError(f"model.mlp_ratio={m.mlp_ratio:g} gives an MLP hidden width of {m.d_hidden} for model.d_model="
+                         f"{m.d_model}, a bottleneck (or an empty block); use 0.25 <= mlp_ratio <= 64 (published MLPs "
+                         "use 2 to 4, SwiGLU 8/3)")
+
+
+def check_task_vocab(r: Recipe) -> None:
+    # Checked here, before the task builds a symbol list of keys + values entries.
+    q = r.data.mqar
+    if r.data.task == "mqar" and 1 + q.keys + q.values > r.model.vocab_size:
+        raise ValueError(f"model.vocab_size={r.model.vocab_size} is smaller than data.task=mqar's vocabulary of "
+                         f"1 + data.mqar.keys + data.mqar.values = {1 + q.keys + q.values} symbols")
+
+
 def check_ode_zero3(r: Recipe) -> None:
     # ZeRO-3 frees gathered parameters between uses; torchdiffeq's adjoint pass re-enters f later and
     # finds empty storage ("setStorage ... storage of size 0"), seen at dp=2.
@@ -207,7 +262,7 @@ def check_ode_zero3(r: Recipe) -> None:
                          "use zero_stage 1 or 2, or adjoint=false")
 
 
-CHECKS = [check_pattern, check_heads, check_vocab, check_ode_zero3]
+CHECKS = [check_pattern, check_heads, check_mlp_width, check_vocab, check_task_vocab, check_ode_zero3]
 
 
 # ---- loading ----
@@ -233,13 +288,13 @@ def _one_line(err: ValidationError, source: str) -> str:
     where = ".".join(loc)
     if e["type"] == "extra_forbidden":
         parent = _model_fields(Recipe, loc[:-1])
-        hint = _suggest(loc[-1], parent.model_fields) if parent else ""
-        return f"{source}: unknown key {where!r}{hint}"
+        hint = _suggest(loc[-1], parent.model_fields) if parent and len(loc[-1]) < 100 else ""
+        return bounded(f"{source}: unknown key {short(where)}{hint}")
     if e["type"] == "value_error":
-        return f"{source}: {str(e['msg']).removeprefix('Value error, ')}"
+        return bounded(f"{source}: {str(e['msg']).removeprefix('Value error, ')}")
     value = e.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-    return f"{source}: {where or 'recipe'}: {e['msg']}{shown}"
+    shown = f" (got {short(value)})" if not isinstance(value, dict) else ""
+    return bounded(f"{source}: {where or 'recipe'}: {e['msg']}{shown}")
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -247,15 +302,15 @@ def parse_overrides(overrides: list[str]) -> dict:
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise LongtrainError(f"override {item!r} is not of the form section.key=value")
+            raise LongtrainError(f"override {short(item)} is not of the form section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = parse_yaml(raw, f"override {short(item)}") if raw != "" else None
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise LongtrainError(f"override {item!r}: {part!r} is not a section")
+                raise LongtrainError(f"override {short(item)}: {part!r} is not a section")
         node[parts[-1]] = value
     return tree
 
@@ -272,16 +327,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
     if path is None:
         path = default_recipe_path()
     path = Path(path)
-    if not path.is_file():
-        raise LongtrainError(f"recipe file {str(path)!r} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise LongtrainError(f"{path}:{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(raw, dict):
-        raise LongtrainError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    raw = read_recipe_file(path)
     raw.setdefault("name", path.stem)
     return recipe_from_dict(_merge(raw, parse_overrides(list(overrides))), source=str(path))
 
@@ -300,4 +346,4 @@ def default_recipe_path() -> Path:
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    path.write_text(yaml.dump(recipe.model_dump(mode="json"), Dumper=RecipeDumper, sort_keys=False))

@@ -8,6 +8,7 @@ matmul rate measured on this device at start-up rather than a datasheet number.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -57,6 +58,34 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def machine_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what in words) a process on `device` can hold at most: the GPU's memory, or the machine's RAM
+    (the container's memory limit when it is lower). Totals, not what is free now: the preflight refuses
+    what can never fit, not what might not fit today."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"the memory of GPU {device}"
+    try:
+        import psutil
+        total = psutil.virtual_memory().total
+    except ImportError:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = _cgroup_memory_limit()
+    if limit is not None and limit < total:
+        return limit, "this container's memory limit"
+    return total, "this machine's RAM"
+
+
+def _cgroup_memory_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return int(text)
+    return None
 
 
 class MetricsLog:

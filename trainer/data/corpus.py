@@ -5,6 +5,7 @@ on every machine with the same files.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import sysconfig
 from pathlib import Path
@@ -45,31 +46,80 @@ def resolve_sources(corpus: list[str]) -> list[Path]:
 
 
 def iter_documents(files: list[Path], text_field: str = "text", max_bytes: int | None = None) -> Iterator[str]:
-    """Yield documents: one per text file, one per JSONL line (its `text_field`). Stops after max_bytes."""
-    total = 0
+    """Yield documents: one per text file, one per JSONL line (its `text_field`). Reads at most max_bytes
+    of the files in all: a text file is cut at the budget, a JSONL file stops before the record that would
+    cross it. A file that is not text (NUL bytes, or mostly invalid UTF-8) is a LongtrainError naming it."""
+    remaining = max_bytes if max_bytes is not None else float("inf")
     for path in files:
+        if remaining <= 0:
+            return
         if path.suffix == ".jsonl":
-            docs = _jsonl_documents(path, text_field)
+            docs = _jsonl_documents(path, text_field, remaining, first=remaining == max_bytes)
         else:
-            docs = [path.read_text(encoding="utf-8", errors="replace")]
-        for doc in docs:
-            if not doc.strip():
-                continue
-            yield doc
-            total += len(doc.encode("utf-8", errors="replace"))
-            if max_bytes is not None and total >= max_bytes:
+            docs = [_text_document(path, remaining)]
+        for doc, size in docs:
+            remaining -= size
+            if doc.strip():
+                yield doc
+
+
+SNIFF_BYTES = 1 << 16
+MAX_INVALID_FRACTION = 0.1  # Latin-1 prose has a few percent of bytes that are not UTF-8; binaries far more
+
+
+def _text_document(path: Path, budget: float) -> tuple[str, int]:
+    """(text, bytes read) of the first `budget` bytes of a text file."""
+    try:
+        with path.open("rb") as f:
+            data = f.read() if budget == float("inf") else f.read(int(budget))
+    except OSError as e:
+        raise LongtrainError(f"data.corpus: {path} cannot be read ({e.strerror or e})") from None
+    head = data[:SNIFF_BYTES]
+    invalid = head.decode("utf-8", errors="replace").count("\ufffd")
+    if b"\0" in head or invalid > MAX_INVALID_FRACTION * len(head):
+        why = "NUL bytes" if b"\0" in head else f"{invalid} of {len(head)} bytes are not UTF-8"
+        raise LongtrainError(f"data.corpus: {path} is not text ({why} in its first {len(head):,} bytes): remove it "
+                             "from data.corpus, or list the text files to read")
+    # A cut at the budget can split a character: the incremental decoder drops that partial tail.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return decoder.decode(data, final=len(data) < budget), len(data)
+
+
+def _jsonl_documents(path: Path, text_field: str, budget: float, first: bool) -> Iterator[tuple[str, int]]:
+    """(text, bytes read) per record, line by line, up to `budget` bytes. first: nothing was read before this
+    file, so a first record longer than the budget would leave no text at all (an error, not an empty corpus)."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise LongtrainError(f"data.corpus: {path} cannot be read ({e.strerror or e})") from None
+    with f:
+        number = 0
+        while budget > 0:
+            line = f.readline() if budget == float("inf") else f.readline(int(budget))
+            if not line:
                 return
-
-
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+            number += 1
+            if len(line) == budget and not line.endswith(b"\n") and f.peek(1):  # the budget ends inside this record
+                if first and number == 1:
+                    raise LongtrainError(f"{path}:1: the first record is longer than data.max_bytes={int(budget)}; "
+                                         "raise data.max_bytes")
+                yield "", len(line)  # read, so counted: nothing after it is read
+                return
+            budget -= len(line)
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise LongtrainError(f"{path}:{number}: not UTF-8 text (byte {e.start} of the line): a .jsonl "
+                                     "corpus is UTF-8 JSON, one object per line") from None
+            if not text.strip():
+                yield "", len(line)
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(text)
             except json.JSONDecodeError as e:
                 raise LongtrainError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise LongtrainError(f"{path}:{number}: JSON nested too deeply") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise LongtrainError(f"{path}:{number}: no field {text_field!r} (set data.text_field)")
-            yield str(record[text_field])
+            yield str(record[text_field]), len(line)

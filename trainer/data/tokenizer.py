@@ -6,6 +6,7 @@ which breaks a code corpus (round trip must be exact).
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -15,11 +16,16 @@ from longtrain.trainer.errors import LongtrainError
 
 
 class Tokenizer:
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, fix: str = "give a .model file written by SentencePiece"):
+        """Load a SentencePiece model; a missing or unreadable file is a LongtrainError ending with `fix`."""
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise LongtrainError(f"tokenizer model {str(self.path)!r} not found")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            raise LongtrainError(f"tokenizer model {str(self.path)!r} not found: {fix}")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:  # sentencepiece: "INTERNAL: could not parse ModelProto from ..."
+            reason = " ".join(str(e).split()).removeprefix("INTERNAL: ").replace(f" from {self.path}", "")[:160]
+            raise LongtrainError(f"{self.path} is not a SentencePiece model ({reason}): {fix}") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self.sp.eos_id()
         self.bos_id = self.sp.bos_id()
@@ -47,7 +53,14 @@ def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, m
             user_defined_symbols=["\n", "\t"], max_sentence_length=1 << 16, num_threads=1, hard_vocab_limit=False,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     except RuntimeError as e:
-        raise LongtrainError(f"tokenizer training failed (data.tokenizer.vocab_size={vocab_size}): {str(e).splitlines()[-1]}") from None
+        reason = (str(e).strip().splitlines() or ["no reason given"])[-1]
+        # "INTERNAL: src/trainer_interface.cc(638) [(static_cast<int>(...)) <= (...)] Vocabulary size is ...":
+        # the source line and the failed C++ condition say nothing to a user; the sentence after them does.
+        reason = re.sub(r"^(?:[A-Z_]+: )?\S+\.cc\(\d+\) \[.*\] ", "", reason)[:240]
+        chars = re.search(r"smaller than required_chars\. \d+ vs (\d+)", reason)
+        if chars:
+            reason = f"the corpus holds {chars.group(1)} distinct characters, each needs a piece: raise it"
+        raise LongtrainError(f"tokenizer training failed (data.tokenizer.vocab_size={vocab_size}): {reason}") from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
     tmp.write_bytes(model.getvalue())

@@ -158,13 +158,33 @@ class ShardShapes:
         return nn.Embedding(vocab // self.tp, dim)
 
 
+# The recipe fields that shape each block's weights, to name when they are too large to build.
+SIZE_FIELDS = {"A": ("d_model", "n_heads", "n_kv_heads"), "M": ("d_model", "expand", "d_state", "d_conv"),
+               "O": ("d_model", "mlp_ratio"), "F": ("d_model", "mlp_ratio")}
+
+
+class TooLargeToEstimate(LongtrainError):
+    """Model sizes whose weights overflow a 64-bit byte count: no machine holds them."""
+
+
 def block_parameters(model_cfg, tp: int = 1) -> dict[str, int]:
-    """Parameters of one block of each letter in the pattern, on one tp rank."""
+    """Parameters of one block of each letter in the pattern, on one tp rank. Built on the meta device
+    (no memory); sizes whose weights would pass 2^63 bytes raise TooLargeToEstimate."""
     from longtrain.trainer.model.decoder import make_block
 
-    with torch.device("meta"):
-        return {letter: sum(p.numel() for p in make_block(letter, model_cfg, ShardShapes(tp)).parameters())
-                for letter in sorted(set(model_cfg.pattern))}
+    counts = {}
+    for letter in sorted(set(model_cfg.pattern)):
+        try:
+            with torch.device("meta"):
+                counts[letter] = sum(p.numel() for p in make_block(letter, model_cfg, ShardShapes(tp)).parameters())
+        except RuntimeError as e:  # torch: "Storage size calculation overflowed with sizes=[...]"
+            if "overflow" not in str(e).lower():
+                raise
+            sizes = ", ".join(f"model.{name}={getattr(model_cfg, name):.6g}" if name == "mlp_ratio"
+                              else f"model.{name}={getattr(model_cfg, name)}" for name in SIZE_FIELDS[letter])
+            raise TooLargeToEstimate(f"one weight of an {letter} block at {sizes} would hold more than 2^63 bytes "
+                                     "(8 EiB): lower these sizes") from None
+    return counts
 
 
 # ---- cost per block (forward FLOPs per token) and stage balance ----
@@ -192,25 +212,44 @@ def block_cost(letter: str, model_cfg, seq_len: int, params: int) -> float:
 
 
 def partition(costs: list[float], stages: int) -> list[int]:
-    """Contiguous split of `costs` into `stages` non-empty parts minimising the largest part.
-    Returns boundaries [0, b1, ..., len(costs)] (DeepSpeed's `parts` format)."""
+    """Contiguous split of `costs` (each > 0) into `stages` non-empty parts minimising the largest part;
+    among equal splits, the earliest cuts. Returns boundaries [0, b1, ..., len(costs)] (DeepSpeed's `parts`).
+
+    Dynamic programming over (stages, layers): best[s][i] = min over j of max(best[s-1][j], sum(costs[j:i])).
+    best[s-1][j] grows with j and the sum shrinks, so the minimum is where they cross: a binary search
+    makes it O(stages * n log n), so that a long pattern cannot stall `longtrain plan` or the preflight."""
     n = len(costs)
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
     inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
+    best = [0.0] + [inf] * n
+    cuts = []
     for s in range(1, stages + 1):
+        new, cut = [inf] * (n + 1), [0] * (n + 1)
         for i in range(s, n + 1):
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], prefix[i] - prefix[j])
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
+            def h(j):
+                return max(best[j], prefix[i] - prefix[j])
+            lo, hi = s - 1, i  # first j in [s-1, i) with best[j] >= the last part's sum (hi: none)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if best[mid] >= prefix[i] - prefix[mid]:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            j = lo if lo < i else i - 1
+            if lo > s - 1:  # left of the crossing the last part dominates: its smallest value is just before it
+                left = lo - 1
+                while left > s - 1 and h(left - 1) == h(left):  # equal sums (zero-cost layers): the earliest
+                    left -= 1
+                if lo >= i or h(left) <= h(j):
+                    j = left
+            new[i], cut[i] = h(j), j
+        best = new
+        cuts.append(cut)
     bounds, i = [n], n
     for s in range(stages, 0, -1):
-        i = cut[s][i]
+        i = cuts[s - 1][i]
         bounds.append(i)
     return bounds[::-1]
 
@@ -313,6 +352,32 @@ def stage_memory(recipe, layout, stage, index, tokens, bytes_per_element, optimi
         activations += 2 * tokens * (m.vocab_size // layout.tp) * 4
     total = weights + grads + optimizer + activations
     return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations, "total": total}
+
+
+def format_bytes(count: float) -> str:
+    """1536 -> '1.50 KiB'; binary units up to EiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+    return f"{count:.3g} EiB"
+
+
+def check_memory(recipe, plan: Plan, capacity: int, where: str, ranks: int = 1) -> None:
+    """Refuse, in one line with the figures, a plan whose largest estimated memory per rank times the `ranks`
+    that share `capacity` bytes (`where`: "this machine's RAM", a GPU's memory) does not fit in it."""
+    need = plan.max_memory_bytes * ranks
+    if need <= capacity:
+        return
+    largest = max(plan.stages, key=lambda stage: stage.memory["total"]).memory
+    parts = ", ".join(f"{k} {format_bytes(largest[k])}" for k in ("weights", "grads", "optimizer", "activations"))
+    shared = f" x {ranks} ranks" if ranks > 1 else ""
+    raise LongtrainError(
+        f"estimated memory {format_bytes(plan.max_memory_bytes)} per rank{shared} ({parts}) exceeds {where} of "
+        f"{format_bytes(capacity)}: lower data.seq_len={recipe.data.seq_len}, train.micro_batch_size="
+        f"{recipe.train.micro_batch_size} or the model sizes (model.d_model={recipe.model.d_model}, model.vocab_size="
+        f"{recipe.model.vocab_size}), set train.activation_checkpointing=true, or spread the model over more ranks "
+        "(parallel.tp, pp, cp, zero_stage; `longtrain plan` shows the estimate)")
 
 
 def format_plan(recipe, plan: Plan, max_rank_lines: int = 64) -> str:
