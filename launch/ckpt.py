@@ -3,30 +3,58 @@
     longtrain ckpt inspect PATH          step, samples, layout, files, parameter count
     longtrain ckpt verify PATH           exit 0 when every file matches the manifest, else names the file
     longtrain ckpt convert PATH OUT      consolidated model weights as safetensors (for inference)
-PATH is a checkpoint directory, or a run's checkpoints/ directory (its newest complete checkpoint).
+PATH is a checkpoint directory, or a run directory or its checkpoints/ directory (the newest complete
+checkpoint). OUT must lie outside every checkpoint directory.
 """
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 
 def _resolve(path: str) -> Path:
     from longtrain.trainer import checkpoint as ckpt
+
+    return ckpt.locate(path)
+
+
+def _inside_checkpoints(target: Path) -> Path | None:
+    """The checkpoint directory (step_*, a temporary one, or a run's checkpoints/ root) that target lies in."""
+    from longtrain.trainer.checkpoint import STEP_DIR, step_dirs
+
+    for parent in target.parents:
+        if STEP_DIR.match(parent.name) or parent.name.startswith(".tmp_step_") or (parent / "manifest.json").exists():
+            return parent
+        if parent.name == "checkpoints" and step_dirs(parent):
+            return parent
+    return None
+
+
+def _check_output(out: Path, checkpoint: Path) -> None:
+    """Before any weights are read: refuse an output inside a checkpoint (it would replace or add a file the
+    manifest covers, or the very file being read) and an output directory that cannot be written."""
     from longtrain.trainer.errors import LongtrainError
 
-    p = Path(path)
-    if not p.exists():
-        raise LongtrainError(f"checkpoint path {path!r} does not exist")
-    if (p / "manifest.json").exists() or not p.is_dir():
-        return p
-    for root in (p, p / "checkpoints"):
-        if root.is_dir() and any(child.name.startswith("step_") for child in root.iterdir()):
-            found = ckpt.latest(root)
-            if found is None:
-                raise LongtrainError(f"{path}: no complete checkpoint")
-            return found
-    raise LongtrainError(f"{path} is not a checkpoint (no manifest.json)")
+    target, source = out.resolve(), checkpoint.resolve()
+    if target == source:
+        raise LongtrainError(f"convert output {out} is the checkpoint it reads: give a file outside it, e.g. "
+                             f"{source.parent.parent / (source.name + '.safetensors')}")
+    inside = source if source in target.parents else _inside_checkpoints(target)
+    if inside is not None:
+        suggestion = source.parent.parent / f"{source.name}.safetensors" if source.parent.name == "checkpoints" \
+            else Path(out.name)
+        raise LongtrainError(f"convert output {out} is inside checkpoint directory {inside}, which it must not alter: "
+                             f"write it elsewhere, e.g. {suggestion}")
+    if target.is_dir():
+        raise LongtrainError(f"convert output {out} is a directory: give a file name, e.g. {out / 'model.safetensors'}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target.parent):
+            pass
+    except OSError as e:
+        raise LongtrainError(f"convert output {out}: cannot write in {target.parent} ({e.strerror or e}): "
+                             "choose a writable directory") from None
 
 
 def cmd_inspect(args) -> int:
@@ -61,16 +89,22 @@ def cmd_convert(args) -> int:
     from longtrain.trainer import checkpoint as ckpt
     from longtrain.trainer.reshard import consolidated_weights
 
+    from longtrain.trainer.errors import LongtrainError
+
     path = _resolve(args.path)
+    out = Path(args.out)
+    _check_output(out, path)
     manifest = ckpt.verify(path)
     state = consolidated_weights(path, manifest)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    # Tied embeddings share storage; safetensors refuses shared tensors, so each is written once as its own copy.
-    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"step": str(manifest["step"]), "recipe": (path / "recipe.yaml").read_text()})
-    tmp.replace(out)
+    try:
+        # Tied embeddings share storage; safetensors refuses shared tensors, so each is written once as its own copy.
+        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={"step": str(manifest["step"]), "recipe": (path / "recipe.yaml").read_text()})
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LongtrainError(f"convert output {out}: {e.strerror or e}; nothing was written") from None
     print(f"wrote {out} ({len(state)} tensors, {sum(v.numel() for v in state.values()):,} parameters, "
           f"step {manifest['step']}, from {manifest.get('world_size', 1)} rank file(s))")
     return 0

@@ -31,16 +31,17 @@ POSITION_BUCKETS = 64
 def load_checkpoint(path: str | Path) -> tuple[Decoder, Recipe, Path, Path]:
     """(model in eval mode, recipe, run dir, checkpoint dir) from a checkpoint directory, or the newest
     complete checkpoint of a run directory, its checkpoints/ directory or <run>/checkpoints/latest."""
-    path = Path(path)
-    if path.name == "latest" and not path.exists():
-        path = path.parent  # <run>/checkpoints/latest: the newest complete checkpoint
-    if (path / "checkpoints").is_dir() and not (path / "manifest.json").exists():
-        path = path / "checkpoints"  # a run directory was given
-    found = ckpt.resolve(str(path), path)
+    found = ckpt.locate(path)  # verified against its manifest
+    manifest = ckpt.read_manifest(found)
     recipe = load_recipe(found / "recipe.yaml")
+    run_dir = found.parent.parent
+    tokenizer = run_dir / "data" / "tokenizer.model"
+    if recipe.data.task == "text" and tokenizer.is_file():  # eval and generate read the run's tokenizer and tokens
+        ckpt.check_tokenizer(manifest, tokenizer, found, fix=f"{run_dir / 'data'} was prepared again since; "
+                             "restore the data/ this checkpoint was trained on")
     model = Decoder(recipe.model, attention_backend=recipe.kernels.attention, scan_backend=recipe.kernels.scan)
-    model.load_state_dict(consolidated_weights(found, ckpt.read_manifest(found)))  # any tp / pp layout
-    return model.eval(), recipe, found.parent.parent, found
+    model.load_state_dict(consolidated_weights(found, manifest))  # any tp / pp layout
+    return model.eval(), recipe, run_dir, found
 
 
 def parse_lengths(text: str | None, train_length: int) -> list[int]:

@@ -18,24 +18,27 @@ import torch.distributed as dist
 
 from longtrain.trainer import checkpoint as ckpt
 from longtrain.trainer import reshard
+from longtrain.trainer import run_dir as run_dirs
 from longtrain.trainer.config import Recipe, save_recipe
 from longtrain.trainer.data.corpus import resolve_sources
 from longtrain.trainer.data.loader import DataLoader, PackedDataset, eval_batches
-from longtrain.trainer.data.shards import prepare
+from longtrain.trainer.data.shards import TOKENIZER_PATH_FIX, prepare
 from longtrain.trainer.data.tasks import (TaskDataset, TaskLoader, answer_accuracy, first_question, make_task,
                                         task_eval_batches)
+from longtrain.trainer.data.tokenizer import Tokenizer
 from longtrain.trainer.engine import build_engine, device_for, init_distributed
 from longtrain.trainer.errors import LongtrainError
 from longtrain.trainer.faults import (CollectiveWatch, named_failures, nonfinite_loss_poisons_gradients,
                                      watch_collectives)
 from longtrain.trainer.generate import generate
-from longtrain.trainer.metrics import (MetricsLog, flops_per_token, measured_matmul_flops, peak_memory_bytes,
-                                       progress_line)
+from longtrain.trainer.metrics import (MetricsLog, flops_per_token, machine_memory, measured_matmul_flops,
+                                       peak_memory_bytes, progress_line)
 from longtrain.trainer.model.decoder import Decoder, count_parameters, lm_loss
 from longtrain.trainer.model.ode import ode_stats
 from longtrain.trainer.parallel.mesh import build_mesh
 from longtrain.trainer.parallel.parallelize import parallelize
-from longtrain.trainer.parallel.plan import check_layout
+from longtrain.trainer.parallel.plan import TooLargeToEstimate, build_plan, check_memory, format_bytes
+from longtrain.trainer.run_dir import check_writable_dir
 
 
 class StopSignal:
@@ -63,12 +66,33 @@ def preflight(recipe: Recipe, resume: str | None, world: int | None = None) -> P
     """Cheap checks of everything the user handed us; returns the checkpoint to resume from.
 
     world: the number of processes; default torchrun's WORLD_SIZE (1 without it). Launchers pass it
-    to check a layout before any worker exists."""
+    to check a layout before any worker exists: their machine may not be the workers', so only a
+    training process (world None) also checks that the estimated memory fits its machine."""
     if recipe.data.task == "text":
         resolve_sources(recipe.data.corpus)
-    world = world or int(os.environ.get("WORLD_SIZE", 1))
-    check_layout(recipe, world)  # world vs tp*pp*cp*dp, widths vs tp, layers vs pp, seq_len vs cp, batch
+        if recipe.data.tokenizer.path:  # a wrong file fails now, not after the corpus is read
+            Tokenizer(recipe.data.tokenizer.path, fix=TOKENIZER_PATH_FIX)
+    if world is None:
+        check_fits_this_machine(recipe, int(os.environ.get("WORLD_SIZE", 1)))
+    else:
+        build_plan(recipe, world)  # world vs tp*pp*cp*dp, widths vs tp, layers vs pp, seq_len vs cp, batch
+    check_writable_dir(recipe.run_dir, f"run.dir={str(recipe.run_dir)!r}")
     return ckpt.resolve(resume, recipe.run_dir / "checkpoints")
+
+
+def check_fits_this_machine(recipe: Recipe, world: int) -> None:
+    """Check the layout, and refuse a run whose estimated memory per rank (trainer/parallel/plan.py, as
+    `longtrain plan` prints it) exceeds this machine's RAM shared by its LOCAL_WORLD_SIZE ranks, or the
+    memory of its GPU shared by the ranks placed on it: before anything is allocated."""
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    device = device_for(local_rank)
+    sharing = local_world if device.type == "cpu" else -(-local_world // torch.cuda.device_count())
+    capacity, where = machine_memory(device)
+    try:
+        plan = build_plan(recipe, world)
+    except TooLargeToEstimate as e:
+        raise LongtrainError(f"{e}; {where} holds {format_bytes(capacity)}") from None
+    check_memory(recipe, plan, capacity, where, ranks=sharing)
 
 
 def evaluate(engine, dataset, train_cfg, device, run=None) -> float:
@@ -119,8 +143,12 @@ def train_loss(engine, inputs, targets):
 
 
 def train(recipe: Recipe, resume: str | None = None,
-          on_step: Callable[[int, dict, Path | None], None] | None = None) -> dict:
+          on_step: Callable[[int, dict, Path | None], None] | None = None, overwrite: bool = False) -> dict:
     """Run the recipe to train.steps (or until a stop signal). Returns the final record.
+
+    A run dir that already holds an earlier run's checkpoints or metrics is refused unless resume
+    continues it or overwrite (`--overwrite`) clears it first (trainer/run_dir.py); a resume of another
+    model or tokenizer is refused.
 
     on_step(step, metrics, checkpoint), when given, is called on every rank after each step with the
     records logged at that step merged into one dict (empty when nothing was logged) and the
@@ -134,20 +162,24 @@ def train(recipe: Recipe, resume: str | None = None,
     """
     watch = watch_collectives(recipe.parallel.collective_timeout_s)  # before any group or engine exists
     with named_failures(watch):
-        return _train(recipe, resume, on_step, watch)
+        return _train(recipe, resume, on_step, watch, overwrite)
 
 
-def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch) -> dict:
+def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch, overwrite: bool = False) -> dict:
     resume_from = preflight(recipe, resume)
+    run_dirs.claim(recipe, resume, resume_from, overwrite, rank=int(os.environ.get("RANK", 0)))
     run_dir = recipe.run_dir
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     if int(os.environ.get("RANK", 0)) == 0:
         # Before the process group: a bad corpus fails here in seconds; other ranks wait at the barrier.
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
         if recipe.data.task == "text":
-            prepare(recipe.data, run_dir / "data", seed=recipe.run.seed)
+            prepared = prepare(recipe.data, run_dir / "data", seed=recipe.run.seed)
+            if resume_from is not None:  # its token ids mean this tokenizer's pieces, and no other's
+                ckpt.check_tokenizer(ckpt.read_manifest(resume_from), prepared.tokenizer.path, resume_from,
+                                     fix="resume with the data/ and data.* settings it was trained on")
+        save_recipe(recipe, run_dir / "recipe.yaml")  # after the checks: a refused run leaves the run dir as it was
     rank, world, local_rank = init_distributed(timeout_s=recipe.parallel.collective_timeout_s)
     device = device_for(local_rank)
     if world > 1:

@@ -167,5 +167,8 @@ def consolidated_weights(path: Path, manifest: dict) -> dict:
     if world == 1:  # one rank: its own model state is whole when it has no layout-free section
         state = load_rank_state(path, 0, mmap=True)
         if "universal" not in state:
+            if not isinstance(state.get("model"), dict):
+                raise LongtrainError(f"checkpoint {path}: rank00000.pt holds no model state (keys: "
+                                     f"{', '.join(map(str, state))[:80]})")
             return state["model"]
     return {name: entry["param"] for name, entry in read_universal(path, world).items()}
