@@ -8,7 +8,9 @@ Every Ray worker runs trainer.loop.train in the process group Ray made (gloo on 
 metrics and checkpoints land in the run directory exactly as under torchrun; they also go to Ray
 (ray.train.report; for a checkpoint, its manifest and path, not a copy of the weights). When a worker dies,
 FailureConfig(max_failures) restarts the group and each restart resumes from the newest complete
-checkpoint of our own manifest ('auto'): Ray's registered checkpoint can be one report behind.
+checkpoint of our own manifest ('auto'): Ray's registered checkpoint can be one report behind. The
+driver settles the run directory once before any worker starts (refuses an earlier run's outputs, or
+clears them under --overwrite), so every attempt of the group may resume 'auto'.
 With --address the resolved recipe is shipped as the job's working directory and the job runs this
 same command with --in-job on the cluster; run.dir must then be a path every node sees.
 """
@@ -140,17 +142,31 @@ def check_resources(launch: LaunchConfig, available: dict, where: str) -> None:
                                  f"--{resource.lower()}s-per-worker, or add nodes")
 
 
-def fit(recipe: Recipe, resume: str | None, where: str) -> None:
-    """Run TorchTrainer on the connected Ray cluster; raises LongtrainError when training fails for good."""
+def settle_run_dir(recipe: Recipe, resume: str | None, overwrite: bool) -> str:
+    """Check the recipe and the run dir before Ray starts, and under --overwrite clear the earlier run's
+    outputs; returns the workers' resume.
+
+    --overwrite is applied here, once, not passed to the workers: a group restarted after a failure
+    must neither clear this run's checkpoints nor be refused by them. Afterwards the run dir holds only
+    what this run writes, so the workers resume 'auto': nothing at first, the newest after a restart."""
+    from longtrain.trainer.loop import preflight
+    from longtrain.trainer.run_dir import claim
+
+    resume_from = preflight(recipe, resume, world=recipe.launch.num_workers)
+    claim(recipe, resume, resume_from, overwrite=overwrite)
+    return resume if resume not in (None, "", "none") else "auto"
+
+
+def fit(recipe: Recipe, resume: str, where: str) -> None:
+    """Run TorchTrainer on the connected Ray cluster; raises LongtrainError when training fails for good.
+    resume: the workers' (settle_run_dir)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from longtrain.trainer.data.shards import prepare
-    from longtrain.trainer.loop import preflight
 
     launch = recipe.launch
-    preflight(recipe, resume, world=launch.num_workers)
     check_resources(launch, ray.cluster_resources(), where)
     if recipe.data.task == "text":  # tokenizer and shards before any worker: a bad corpus fails here
         recipe.run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,13 +205,29 @@ def _auth_env() -> None:
         os.environ["RAY_AUTH_MODE"] = "token" if (Path.home() / ".ray" / "auth_token").exists() else "disabled"
 
 
-def run_local(recipe: Recipe, resume: str | None, dashboard_host: str) -> None:
+def _loopback_env() -> None:
+    """Keep a local instance on 127.0.0.1. Ray replaces a node address of 127.0.0.1 by the machine's
+    external one (ray._private.services.resolve_ip_for_localhost), and its processes then listen and
+    talk there, unless multi-node clusters are off: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default
+    on macOS and Windows and honoured on Linux too. Ray reads it when imported, so this runs first;
+    GCS, raylet and workers inherit it."""
+    if "ray" in sys.modules and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ:
+        print("longtrain: warning: ray was imported before the local instance was configured; it may listen "
+              "on the machine's external address", file=sys.stderr)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def run_local(recipe: Recipe, resume: str | None, overwrite: bool, dashboard_host: str) -> None:
+    from longtrain.trainer.engine import loopback_socket_env
+
+    resume = settle_run_dir(recipe, resume, overwrite)
+    _auth_env()
+    _loopback_env()
     import ray
 
-    _auth_env()
     # The dashboard also serves the state API, which Ray Train's placement-group cleaner polls.
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host=dashboard_host,
-             runtime_env={"env_vars": WORKER_ENV},
+             runtime_env={"env_vars": {**WORKER_ENV, **loopback_socket_env()}},
              log_to_driver=True, logging_level="WARNING")
     try:
         fit(recipe, resume, "the local Ray instance")
@@ -203,9 +235,10 @@ def run_local(recipe: Recipe, resume: str | None, dashboard_host: str) -> None:
         ray.shutdown()
 
 
-def run_in_job(recipe: Recipe, resume: str | None) -> None:
+def run_in_job(recipe: Recipe, resume: str | None, overwrite: bool) -> None:
     import ray
 
+    resume = settle_run_dir(recipe, resume, overwrite)
     ray.init(log_to_driver=True, logging_level="WARNING")  # RAY_ADDRESS is set by the job supervisor
     try:
         fit(recipe, resume, f"the Ray cluster at {ray.get_runtime_context().gcs_address}")
@@ -230,7 +263,7 @@ async def _stream_logs(client, job_id: str) -> None:
         print(lines, end="", flush=True)
 
 
-def submit(recipe: Recipe, resume: str | None, address: str) -> int:
+def submit(recipe: Recipe, resume: str | None, overwrite: bool, address: str) -> int:
     """Submit the recipe as a Ray job, stream its log until it ends; the exit status follows the job's."""
     from ray.job_submission import JobStatus
 
@@ -240,6 +273,8 @@ def submit(recipe: Recipe, resume: str | None, address: str) -> int:
         entrypoint = "python -m longtrain.launch.cli launch ray recipe.yaml --in-job"
         if resume:
             entrypoint += f" --resume {shlex.quote(resume)}"
+        if overwrite:
+            entrypoint += " --overwrite"
         try:
             job_id = client.submit_job(entrypoint=entrypoint,
                                        runtime_env={"working_dir": job_dir, "env_vars": WORKER_ENV},
@@ -322,13 +357,11 @@ def cmd_launch_ray(args) -> int:
         return job_status(args.address, args.status) if args.status else job_stop(args.address, args.stop)
     recipe = resolve(args)
     if args.address and not args.in_job:
-        return submit(recipe, args.resume, args.address)
-    # A fresh run directory: 'auto' finds nothing now, and the newest checkpoint after any restart.
-    resume = args.resume or (None if (recipe.run_dir / "checkpoints").exists() else "auto")
+        return submit(recipe, args.resume, args.overwrite, args.address)
     if args.in_job:
-        run_in_job(recipe, resume)
+        run_in_job(recipe, args.resume, args.overwrite)
     else:
-        run_local(recipe, resume, args.dashboard_host)
+        run_local(recipe, args.resume, args.overwrite, args.dashboard_host)
     return 0
 
 
@@ -349,6 +382,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-failures", type=int, default=None,
                    help="worker-group restarts before giving up (default: launch.max_failures)")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path, as for `longtrain train`")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run dir that holds an earlier run's outputs, as for `longtrain train`")
     p.add_argument("--dashboard-host", default="127.0.0.1",
                    help="local instance only: the address Ray's dashboard listens on (default: 127.0.0.1)")
     p.add_argument("--status", metavar="JOB", default=None, help="print a submitted job's status")

@@ -8,12 +8,15 @@ schedule stay where they were, and `engine.was_step_applied()` is False on every
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import socket
 
 import torch
 import torch.distributed as dist
+
+from longtrain.trainer.errors import LongtrainError
 
 
 def _free_port() -> int:
@@ -22,12 +25,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def loopback_interface() -> str | None:
+    """The loopback network interface's name ('lo' on Linux, 'lo0' on macOS), or None when neither exists."""
+    names = {name for _, name in socket.if_nameindex()}
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def loopback_socket_env() -> dict[str, str]:
+    """GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME naming the loopback interface, for a group whose ranks all
+    run on this machine; a value the user set is kept. Without them gloo listens for its peers on the
+    address the host name resolves to, often the external one, and NCCL's bootstrap on the first
+    interface that is not loopback."""
+    interface = loopback_interface()
+    if interface is None:
+        return {}
+    return {name: os.environ.get(name, interface) for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addresses = {info[4][0].split("%")[0] for info in socket.getaddrinfo(host, None)}
+        return all(ipaddress.ip_address(address).is_loopback for address in addresses)
+    except (OSError, ValueError):
+        return False
+
+
+def _on_loopback(world: int) -> bool:
+    """Whether every rank is on this machine and meets at a loopback MASTER_ADDR. Both are asked: on the
+    master node of a multi-node run MASTER_ADDR (its host name) can resolve to 127.0.1.1 (/etc/hosts on
+    Debian), and binding there would shut the other nodes out."""
+    return world == int(os.environ.get("LOCAL_WORLD_SIZE", "0")) and _is_loopback(os.environ["MASTER_ADDR"])
+
+
+def _local_store(rank: int, world: int, timeout) -> dist.Store | None:
+    """The rendezvous store of a group made here, listening on loopback only, or None to let torch's env://
+    make it (under torchrun, whose agent hosts it, or when some rank is on another machine).
+
+    torch's TCPStore server listens on every interface whatever host it is given (`*:MASTER_PORT`,
+    torch 2.13), so for a loopback MASTER_ADDR rank 0 binds the socket itself and hands it over
+    (master_listen_fd). One process needs no rendezvous at all: an in-memory store, no socket."""
+    if world == 1:
+        return dist.HashStore()
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or not _on_loopback(world):
+        return None
+    if rank != 0:
+        return dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    try:
+        listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise LongtrainError(f"MASTER_ADDR={host} MASTER_PORT={port}: cannot listen there ({e.strerror or e}): "
+                             "choose a free MASTER_PORT") from None
+    return dist.TCPStore(host, port, world, is_master=True, timeout=timeout, master_listen_fd=listener.detach())
+
+
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     """Join (or create, for a single process) the default process group. Returns rank, world, local rank.
 
     A group that already exists (Ray Train makes one before our code runs) is used as it is. Otherwise
     reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them a
-    one-process group is made on 127.0.0.1. gloo on CPU, nccl on GPU.
+    one-process group is made. gloo on CPU, nccl on GPU. A group whose ranks are all on this machine
+    (one process, or WORLD_SIZE = LOCAL_WORLD_SIZE with a loopback MASTER_ADDR) listens on loopback only:
+    its store (`_local_store`) and gloo's / NCCL's sockets (`loopback_socket_env`). DeepSpeed's comm
+    backend starts on it.
     """
     if dist.is_initialized():
         # The launcher's group is the truth for rank and world, whatever the environment says.
@@ -39,6 +99,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         return dist.get_rank(), dist.get_world_size(), local_rank
     if "RANK" not in os.environ:
+        # No port is listened on; DeepSpeed's CPU shared-memory op names its segment after MASTER_ADDR:PORT.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -49,12 +110,21 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
         # DeepSpeed picks its accelerator when first imported and warns when it falls back to the CPU;
         # DS_ACCELERATOR is its documented way to name the CPU one outright.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not dist.is_initialized():
-        import datetime
+    import datetime
 
-        import deepspeed
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+    import deepspeed
+
+    backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(seconds=timeout_s)
+    if world == 1 or _on_loopback(world):
+        os.environ.update(loopback_socket_env())  # read by gloo / NCCL when each group is made
+    store = _local_store(rank, world, timeout)
+    if store is not None:
+        # As DeepSpeed's own init (comm/torch.py) does: a bound device lets new_group split the NCCL
+        # communicator; it skips one process, which has no peer.
+        bound = {"device_id": torch.device("cuda", torch.cuda.current_device())} if use_cuda and world > 1 else {}
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **bound)
+    # On a group that exists DeepSpeed only starts its comm backend (TorchBackend), as after its own init.
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     return rank, world, local_rank
 
 
