@@ -1,7 +1,6 @@
 """Tensor parallelism at tp=2 on gloo: an A/M/O/F decoder built from megatron-core layers and loaded
 with the shards of a dense model equals that dense model in one process (loss, every gradient), with
 tied and untied heads; the mesh agrees with the plan's rank arithmetic."""
-import pytest
 import torch
 
 from longtrain.trainer.config import ModelConfig
