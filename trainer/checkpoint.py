@@ -1,17 +1,23 @@
 """Checkpoints: atomic, verified, resumable at any step.
 
     <run>/checkpoints/step_00000100/
-        rank00000.pt     this rank's model, optimizer, scheduler, engine counters and RNG states, and its
-                         layout-free `universal` section (trainer/reshard.py)
-        recipe.yaml      the resolved recipe
-        manifest.json    written last: step, consumed samples, layout, recipe and tokenizer hashes,
-                         size and sha256 of every file
+        rank00000.pt                this rank's model, optimizer, scheduler, engine counters and RNG states
+        universal00000.safetensors  its layout-free section (trainer/reshard.py), when checkpoint.reshardable
+        common.pt                   rank 0's step, scheduler, loader, engine counters and RNG states alone:
+                                    what a resume at another layout takes from the old run besides weights
+        recipe.yaml                 the resolved recipe
+        manifest.json               written last: step, consumed samples, layout, recipe and tokenizer
+                                    hashes, size and sha256 of every file
 
-Every rank writes into a temporary directory; after a barrier rank 0 checksums the files, writes
-the manifest, and renames the directory into place. A checkpoint is complete only when its
-manifest exists, is the object described above, lists every file present, and every file matches
-it. Files load with torch.load(weights_only=True), so a file that would run code when unpickled is
-refused. A run only ever deletes its own checkpoints: keep_last prunes at or before the step just
+Every rank writes its files into a temporary directory and hashes them itself, before the barrier
+(in parallel: no rank hashes another's bytes), leaving the hashes in a small rankNNNNN.json; after
+the barrier rank 0 merges those into the manifest, writes it, and renames the directory into place.
+A checkpoint is complete only when its manifest exists, is the object described above, lists every
+file present, and every file has its listed size: that is all `latest()` and `resolve()` check, so
+picking a checkpoint reads no weights. A file's sha256 is checked by the rank that reads it, when it
+reads it (universal files per block of rows, trainer/reshard.py); `longtrain ckpt verify` checks every
+file in full. Files load with torch.load(weights_only=True), so a file that would run code when
+unpickled is refused. A run only ever deletes its own checkpoints: keep_last prunes at or before the step just
 written, and a step directory the run did not write is set aside (step_N.replaced), never deleted.
 """
 from __future__ import annotations
@@ -33,6 +39,8 @@ import torch
 from longtrain.trainer.errors import LongtrainError
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")  # 8 digits, more past step 99,999,999
+SIDECAR = re.compile(r"^rank\d{5,}\.json$")  # a rank's hashes of its own files, merged into the manifest
+COMMON = "common.pt"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -52,11 +60,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save(obj, path: Path) -> None:
+def _entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def _torch_save(obj, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _save(obj, path: Path) -> None:
+    """A rank's own state file (one call per rank per checkpoint)."""
+    _torch_save(obj, path)
 
 
 def rng_state() -> dict:
@@ -152,7 +169,7 @@ def save(root: Path, step: int, rank_state: dict, manifest: dict, recipe_text: s
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        _save(rank_state, tmp / f"rank{rank:05d}.pt")
+        _write_rank_files(tmp, rank, rank_state)
         barrier()
         if rank == 0:
             _seal(tmp, step, manifest, recipe_text)
@@ -164,7 +181,8 @@ def save(root: Path, step: int, rank_state: dict, manifest: dict, recipe_text: s
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            (tmp / f"rank{rank:05d}.pt").unlink(missing_ok=True)
+            for name in _rank_file_names(rank):
+                (tmp / name).unlink(missing_ok=True)
         raise _write_error(root, step, e) from None
     if rank == 0:
         prune(root, keep_last, newest=step)
@@ -172,9 +190,49 @@ def save(root: Path, step: int, rank_state: dict, manifest: dict, recipe_text: s
     return final
 
 
+def _rank_file_names(rank: int) -> tuple[str, ...]:
+    from longtrain.trainer.reshard import universal_file
+
+    return f"rank{rank:05d}.pt", universal_file(rank), f"rank{rank:05d}.json"
+
+
+def _write_rank_files(tmp: Path, rank: int, rank_state: dict) -> None:
+    """This rank's files, each hashed by this rank right after it is written (from the page cache, in parallel
+    with the other ranks), and a sidecar rankNNNNN.json with their sizes and hashes for rank 0 to merge."""
+    from longtrain.trainer.reshard import write_universal
+
+    universal = rank_state.get("universal")
+    own = {k: v for k, v in rank_state.items() if k != "universal"}
+    state_file, universal_name, sidecar = _rank_file_names(rank)
+    _save(own, tmp / state_file)
+    files = {state_file: _entry(tmp / state_file)}
+    if universal:
+        index = write_universal(universal, tmp / universal_name)
+        files[universal_name] = {**_entry(tmp / universal_name), "tensors": index}
+    if rank == 0:  # a resume at another layout reads this instead of rank 0's whole engine state
+        _torch_save({k: v for k, v in own.items() if k not in ("model", "optimizer")}, tmp / COMMON)
+        files[COMMON] = _entry(tmp / COMMON)
+    with open(tmp / sidecar, "w") as f:
+        json.dump(files, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _merged_sidecars(tmp: Path) -> dict:
+    files = {}
+    for sidecar in sorted(p for p in tmp.iterdir() if SIDECAR.match(p.name)):
+        files.update(json.loads(sidecar.read_text()))
+        sidecar.unlink()  # not part of the checkpoint: verify() refuses files the manifest does not list
+    return files
+
+
 def _seal(tmp: Path, step: int, manifest: dict, recipe_text: str) -> None:
     (tmp / "recipe.yaml").write_text(recipe_text)
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+    files = _merged_sidecars(tmp)
+    for p in tmp.iterdir():  # recipe.yaml, and anything written without a sidecar
+        if p.name not in files:
+            files[p.name] = _entry(p)
+    files = dict(sorted(files.items()))
     manifest = {**manifest, "step": step, "files": files}
     with open(tmp / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)
@@ -245,7 +303,7 @@ def check_manifest(manifest, path: Path) -> dict:
         if Path(name).name != name or name in ("", ".", "..", "manifest.json"):
             raise LongtrainError(f"{where}: file name {name!r} is not a file of the checkpoint directory")
         if not (isinstance(entry, dict) and _is_count(entry.get("bytes")) and isinstance(entry.get("sha256"), str)
-                and SHA256.match(entry["sha256"])):
+                and SHA256.match(entry["sha256"]) and isinstance(entry.get("tensors", {}), dict)):
             raise LongtrainError(f"{where}: files[{name!r}] is {str(entry)[:60]!r}, not {{bytes: int, sha256: hex}}")
     missing = [n for n in ("recipe.yaml", *(f"rank{r:05d}.pt" for r in range(world))) if n not in files]
     if missing:
@@ -269,9 +327,11 @@ def _load_manifest(path: Path) -> dict:
     return check_manifest(manifest, path)
 
 
-def verify(path: Path) -> dict:
+def verify(path: Path, full: bool = True) -> dict:
     """Check a checkpoint directory against its manifest; returns the manifest or raises LongtrainError.
-    Every file present must be listed (a file whose entry was removed would otherwise go unchecked)."""
+    Every file present must be listed (a file whose entry was removed would otherwise go unchecked) with its
+    size. full=False stops there (no weights read: how latest() and locate() pick a checkpoint); readers then
+    check the sha256 of what they read (verify_file, reshard.read_slices)."""
     path = Path(path)
     if not path.is_dir():
         raise LongtrainError(f"checkpoint {path} does not exist" if not path.exists()
@@ -288,9 +348,25 @@ def verify(path: Path) -> dict:
         if file.stat().st_size != expected["bytes"]:
             raise LongtrainError(f"checkpoint file {file} is truncated or altered: "
                                  f"{file.stat().st_size} bytes, manifest says {expected['bytes']}")
-        if sha256(file) != expected["sha256"]:
+        if full and sha256(file) != expected["sha256"]:
             raise LongtrainError(f"checkpoint file {file} fails its sha256 check")
     return manifest
+
+
+def verify_file(path: Path, name: str, manifest: dict | None = None) -> Path:
+    """Check one file of a checkpoint against the manifest, in full; for the reader of that whole file."""
+    manifest = _load_manifest(path) if manifest is None else manifest
+    file = Path(path) / name
+    expected = manifest["files"].get(name)
+    if expected is None:
+        raise LongtrainError(f"checkpoint file {file} is not listed in manifest.json, so it cannot be checked: "
+                             "remove it, or restore the manifest that lists it")
+    if not file.is_file():
+        raise LongtrainError(f"checkpoint file {file} is missing")
+    if file.stat().st_size != expected["bytes"] or sha256(file) != expected["sha256"]:
+        raise LongtrainError(f"checkpoint file {file} fails its sha256 check: run `longtrain ckpt verify "
+                             f"{path}`, and resume from an earlier checkpoint (--resume <its step_* directory>)")
+    return file
 
 
 def read_manifest(path: Path) -> dict:
@@ -299,10 +375,11 @@ def read_manifest(path: Path) -> dict:
 
 
 def latest(root: Path) -> Path | None:
-    """Newest complete, verified checkpoint under root; incomplete or damaged ones are skipped with a warning."""
+    """Newest complete checkpoint under root (manifest valid, every file listed with its size; contents are
+    checked by their readers); incomplete or damaged ones are skipped with a warning."""
     for candidate in reversed(step_dirs(root)):
         try:
-            verify(candidate)
+            verify(candidate, full=False)
             return candidate
         except LongtrainError as e:
             warnings.warn(f"skipping checkpoint: {e}", RuntimeWarning, stacklevel=2)
@@ -315,7 +392,7 @@ def _none_complete(root: Path, found: list[Path]) -> str:
 
 
 def locate(path: str | Path) -> Path:
-    """The checkpoint a user names: a checkpoint directory (verified), or the newest complete checkpoint of a
+    """The checkpoint a user names: a checkpoint directory (complete: verify(full=False)), or the newest complete checkpoint of a
     checkpoints/ directory, a run directory or <run>/checkpoints/latest. LongtrainError in one line otherwise."""
     path = Path(path)
     if path.name == "latest" and not path.exists() and path.parent.is_dir():
@@ -326,7 +403,7 @@ def locate(path: str | Path) -> Path:
     if not path.is_dir():
         raise LongtrainError(f"{path} is a file, not a run or checkpoint directory")
     if (path / "manifest.json").exists() or STEP_DIR.match(path.name):
-        verify(path)
+        verify(path, full=False)
         return path
     for root in (path, path / "checkpoints"):
         found = step_dirs(root)
@@ -375,12 +452,25 @@ def check_tokenizer(manifest: dict, tokenizer: Path, checkpoint: Path, fix: str)
 
 
 def load_rank_state(path: Path, rank: int = 0, mmap: bool = False) -> dict:
-    """Rank `rank`'s file (weights_only). mmap: tensors stay on disk until read (loading another layout
-    reads every rank's file but only the slices this rank needs)."""
+    """Rank `rank`'s file (weights_only), its sha256 checked first. mmap: tensors stay on disk until read."""
     file = Path(path) / f"rank{rank:05d}.pt"
     if not file.is_file():
         raise LongtrainError(f"checkpoint {path} holds no state for rank {rank} ({file.name} missing); "
                              "was it saved with another layout?")
+    verify_file(path, file.name)
+    return _load_torch_file(file, mmap)
+
+
+def load_common(path: Path) -> dict:
+    """Rank 0's step, scheduler, loader, engine counters and RNG states, without its weights (common.pt; rank 0's
+    whole file for checkpoints written before common.pt existed)."""
+    manifest = _load_manifest(path)
+    if COMMON not in manifest["files"]:
+        return load_rank_state(path, 0, mmap=True)
+    return _load_torch_file(verify_file(path, COMMON, manifest), mmap=False)
+
+
+def _load_torch_file(file: Path, mmap: bool) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:

@@ -1,24 +1,30 @@
 """Layout-free checkpoint entries: load a checkpoint saved at one (tp, pp, cp, dp, ZeRO stage) at another.
 
-Each rank file holds, besides the rank's own engine state (used when the layout is unchanged, for a
-bitwise resume), a `universal` section: for every parameter the rank owns, keyed by its name in the
-dense Decoder, the fp32 value and both Adam moments of the rank's tensor-parallel slice, with the
-slice's place in the dense tensor (dim, index, parts) and Adam's step count.
+Besides its own engine state (rankNNNNN.pt, used when the layout is unchanged, for a bitwise resume),
+a rank writes a `universal` section, universalNNNNN.safetensors: for every parameter the rank owns,
+keyed by its name in the dense Decoder, the fp32 value and both Adam moments of the rank's
+tensor-parallel slice, stored with the split dim first (`name:param`, `name:exp_avg`, ...). The
+manifest indexes it: the slice's place in the dense tensor (dim, index, parts), Adam's step count, and
+a sha256 per block of rows, so a reader at another layout reads only the blocks holding its own
+slice and checks each one (whole-file hashes would make it read everything).
 
-    {"blocks.0.attn.q.weight": {"dim": 0, "index": 1, "parts": 2, "step": 40,
-                                "param": ..., "exp_avg": ..., "exp_avg_sq": ...}, ...}
+    "universal00001.safetensors": {"bytes": ..., "sha256": ..., "tensors": {"blocks.0.attn.q.weight":
+        {"dim": 0, "index": 1, "parts": 2, "step": 40, "shape": [16, 32], "block_rows": 1,
+         "sha256": {"param": [16 hashes], "exp_avg": [...], "exp_avg_sq": [...]}}, ...}}
 
 Only the first data- and context-parallel replica of each slice writes it (the others are copies); under
 ZeRO the slice is first gathered from the partitions with DeepSpeed's own accessors
 (`safe_get_full_fp32_param`, `safe_get_full_optimizer_state`), which are collective over the ZeRO group,
-so every rank takes part. Loading at another layout concatenates the saved slices of each dense tensor
-and hands every new rank its own slice, through the matching setters. This is what DeepSpeed's
+so every rank takes part. Loading at another layout reads, for every new rank, the rows of the saved
+slices that make up its own slice, and hands them over through the matching setters. This is what DeepSpeed's
 universal checkpoint does as an offline conversion (`ds_to_universal`); here it is written with the
 checkpoint, so a run resumes at any layout with no conversion step, ZeRO stage 0 (which DeepSpeed's
 universal format does not cover) included.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -26,6 +32,18 @@ import torch
 from longtrain.trainer.errors import LongtrainError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+KEYS = ("param", *MOMENTS)
+INDEX_KEYS = {"dim", "index", "parts", "step", "shape", "dtype", "block_rows", "sha256"}
+# Hash blocks: at most BLOCKS per stored tensor and at least MIN_BLOCK_BYTES each. A reader of 1/T of a tensor's
+# rows reads at most 2 blocks more than it needs (under 2x its share for T <= BLOCKS / 2 on tensors of
+# BLOCKS * MIN_BLOCK_BYTES or more), and the manifest stays about 1/200 of the weights.
+BLOCKS = 32
+MIN_BLOCK_BYTES = 16 << 10
+READ = {"bytes": 0, "share": 0}  # tensor bytes this process read from universal files, and the bytes it needed
+
+
+def universal_file(rank: int) -> str:
+    return f"universal{rank:05d}.safetensors"
 
 
 def layout_key(parallel: dict, world: int) -> tuple:
@@ -90,8 +108,181 @@ def universal_state(named_params, dense_shapes: dict, optimizer, zero_stage: int
     return out
 
 
+def _stored(tensor: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """The tensor as written: its split dim first, so any range of a tp slice is one contiguous byte range."""
+    return (tensor.movedim(dim, 0) if dim else tensor).contiguous()
+
+
+def _digest(rows: torch.Tensor) -> str:
+    return hashlib.sha256(rows.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def _block_hashes(stored: torch.Tensor, block_rows: int) -> list[str]:
+    return [_digest(stored[i:i + block_rows]) for i in range(0, stored.shape[0], block_rows)]
+
+
+def write_universal(section: dict, file: Path) -> dict:
+    """Write this rank's `universal` section as one safetensors file; returns its manifest index: dense name ->
+    {dim, index, parts, step, shape, block_rows, sha256: {key: [hash of each block of stored rows]}}. Hashed
+    from memory while writing, so no rank reads back more than its own bytes."""
+    from safetensors.torch import save_file
+
+    tensors, index = {}, {}
+    for name, entry in section.items():
+        if entry["param"].dim() == 0:
+            raise LongtrainError(f"universal checkpoint entry {name} is a 0-d tensor: give it a shape of (1,)")
+        stored = {k: _stored(entry[k], entry["dim"]) for k in KEYS}
+        rows, row_bytes = stored["param"].shape[0], stored["param"][0].numel() * stored["param"].element_size()
+        block_rows = min(rows, max(-(-rows // BLOCKS), -(-MIN_BLOCK_BYTES // max(row_bytes, 1))))
+        index[name] = {"dim": entry["dim"], "index": entry["index"], "parts": entry["parts"], "step": entry["step"],
+                       "shape": list(entry["param"].shape), "dtype": str(entry["param"].dtype), "block_rows": block_rows,
+                       "sha256": {k: _block_hashes(t, block_rows) for k, t in stored.items()}}
+        tensors.update({f"{name}:{k}": t for k, t in stored.items()})
+    save_file(tensors, str(file))
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return index
+
+
+def _pieces(path: Path, manifest: dict) -> dict[str, list[tuple[str, dict]]]:
+    """Dense name -> [(file, index entry)], one per saved slice, in slice order. A tied tensor is written by
+    both pipeline stages that hold it: the first copy of each slice is the one read."""
+    pieces: dict[str, dict] = {}
+    for file, info in sorted(manifest["files"].items()):
+        for name, entry in info.get("tensors", {}).items():
+            if not (isinstance(entry, dict) and INDEX_KEYS <= set(entry)):
+                raise LongtrainError(f"checkpoint {path}: manifest.json's index of {file} lists {name} without "
+                                     f"{sorted(INDEX_KEYS - set(entry) if isinstance(entry, dict) else INDEX_KEYS)}")
+            pieces.setdefault(name, {}).setdefault(entry["index"], (file, entry))
+    out = {}
+    for name, by_index in pieces.items():
+        parts = next(iter(by_index.values()))[1]["parts"]
+        if sorted(by_index) != list(range(parts)):
+            raise LongtrainError(f"checkpoint {path}: manifest.json lists slices {sorted(by_index)} of {name}, "
+                                 f"which has {parts}: restore the manifest or the missing rank's universal file")
+        out[name] = [by_index[i] for i in range(parts)]
+    return out
+
+
+class _Reader:
+    """Reads row ranges of stored tensors, whole hash blocks at a time, and checks every block it reads."""
+
+    def __init__(self, path: Path):
+        self.path, self.handles = Path(path), {}
+
+    def rows(self, file: str, entry: dict, key: str, name: str, start: int, stop: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        where = f"checkpoint file {self.path / file}"
+        if file not in self.handles:
+            try:
+                self.handles[file] = safe_open(str(self.path / file), framework="pt")
+            except Exception as e:  # safetensors' own error type: a torn or replaced file
+                raise LongtrainError(f"{where} is not a safetensors file ({str(e)[:80]}): restore it or resume from "
+                                     "an earlier checkpoint") from None
+        handle, block_rows = self.handles[file], entry["block_rows"]
+        expected = list(_stored(torch.empty(entry["shape"], device="meta"), entry["dim"]).shape)
+        try:
+            view = handle.get_slice(f"{name}:{key}")
+        except Exception:  # safetensors raises its own error type for a missing name
+            raise LongtrainError(f"{where} holds no {name}:{key}, which manifest.json lists: the file was replaced; "
+                                 "restore it or resume from an earlier checkpoint") from None
+        if list(view.get_shape()) != expected:
+            raise LongtrainError(f"{where}: {name}:{key} is {view.get_shape()}, manifest.json says {expected}")
+        first, last = start // block_rows, -(-stop // block_rows)
+        low = first * block_rows
+        part = view[low:min(last * block_rows, expected[0])]
+        if str(part.dtype) != entry["dtype"]:  # same bytes read as another dtype would pass the hashes
+            raise LongtrainError(f"{where}: {name}:{key} is {part.dtype}, manifest.json says {entry['dtype']}")
+        READ["bytes"] += part.numel() * part.element_size()
+        for block, digest in enumerate(entry["sha256"][key][first:last]):
+            if _digest(part[block * block_rows:(block + 1) * block_rows]) != digest:
+                raise LongtrainError(f"{where} fails its sha256 check ({name}:{key}, rows from "
+                                     f"{(first + block) * block_rows}): resume from an earlier checkpoint")
+        return part[start - low:stop - low]
+
+    def box(self, pieces: list, key: str, name: str, dim: int | None, start: int | None, stop: int | None):
+        """Dense rows [start, stop) along `dim` (None: the whole tensor), from the slices that hold them."""
+        file, entry = pieces[0]
+        saved = entry["dim"]
+        if saved is None:  # replicated: every tp rank wrote the same copy; stored rows are dense dim 0
+            if dim == 0:
+                return self.rows(file, entry, key, name, start, stop)
+            whole = self.rows(file, entry, key, name, 0, entry["shape"][0])
+            return whole if dim is None else whole.narrow(dim, start, stop - start)
+        size = entry["shape"][saved]
+        lo, hi = (start, stop) if dim == saved else (0, size * entry["parts"])
+        out = []
+        for file, entry in pieces:
+            a, b = max(lo, entry["index"] * size), min(hi, (entry["index"] + 1) * size)
+            if a < b:
+                rows = self.rows(file, entry, key, name, a - entry["index"] * size, b - entry["index"] * size)
+                out.append(rows.movedim(0, saved) if saved else rows)
+        full = torch.cat(out, dim=saved)
+        return full if dim in (None, saved) else full.narrow(dim, start, stop - start)
+
+
+def _dense_shape_of(pieces: list) -> list[int]:
+    entry = pieces[0][1]
+    shape = list(entry["shape"])
+    if entry["dim"] is not None:
+        shape[entry["dim"]] *= entry["parts"]
+    return shape
+
+
+def read_slices(path: Path, manifest: dict, wanted: dict, keys=KEYS) -> dict:
+    """Dense name -> {'step': n, key: this rank's slice} for wanted = {dense name: (local shape, tp, tp_rank)}.
+    Reads only the hash blocks that hold the rank's slice, and checks each one against the manifest."""
+    from longtrain.trainer.parallel.tensor import shard_dim
+
+    path = Path(path)
+    pieces = _pieces(path, manifest)
+    if not pieces:
+        return _slices_from_rank_files(path, manifest, wanted, keys)
+    missing = sorted(set(wanted) - set(pieces))
+    if missing:
+        raise LongtrainError(f"checkpoint {path} holds no {missing[0]} (and {len(missing) - 1} more): another model?")
+    reader, out = _Reader(path), {}
+    for name, (shape, tp, tp_rank) in wanted.items():
+        dense = _dense_shape_of(pieces[name])
+        try:
+            dim = shard_dim(shape, dense, tp)
+        except ValueError:
+            raise LongtrainError(f"checkpoint {path}: {name} is {tuple(dense)}, which this rank's {tuple(shape)} at "
+                                 f"tp={tp} is not a slice of: another model?") from None
+        start, stop = (None, None) if dim is None else (tp_rank * shape[dim], (tp_rank + 1) * shape[dim])
+        out[name] = {"step": pieces[name][0][1]["step"],
+                     **{k: reader.box(pieces[name], k, name, dim, start, stop).contiguous() for k in keys}}
+        READ["share"] += sum(out[name][k].numel() * out[name][k].element_size() for k in keys)
+    return out
+
+
+def _slices_from_rank_files(path: Path, manifest: dict, wanted: dict, keys) -> dict:
+    """Checkpoints written before universal files existed kept the section inside each rank file."""
+    from longtrain.trainer.parallel.tensor import shard_dim
+
+    full = read_universal(path, manifest["world_size"])
+    out = {}
+    for name, (shape, tp, tp_rank) in wanted.items():
+        if name not in full:
+            raise LongtrainError(f"checkpoint {path} holds no {name}: another model?")
+        try:
+            dim = shard_dim(shape, full[name]["param"].shape, tp)
+        except ValueError:
+            raise LongtrainError(f"checkpoint {path}: {name} is {tuple(full[name]['param'].shape)}, which this "
+                                 f"rank's {tuple(shape)} at tp={tp} is not a slice of: another model?") from None
+        out[name] = {"step": full[name]["step"], **{
+            k: full[name][k] if dim is None else full[name][k].narrow(dim, tp_rank * shape[dim], shape[dim]).contiguous()
+            for k in keys}}
+    return out
+
+
 def read_universal(path: Path, world: int) -> dict:
-    """Dense name -> {key: full dense tensor, 'step': n} from every rank file of a checkpoint."""
+    """Dense name -> {key: full dense tensor, 'step': n} from the `universal` sections inside every rank file
+    (the format before universal files; kept so those checkpoints still load)."""
     from longtrain.trainer.checkpoint import load_rank_state
 
     pieces: dict[str, list[dict]] = {}
@@ -119,32 +310,20 @@ def read_universal(path: Path, world: int) -> dict:
 
 
 @torch.no_grad()
-def load_universal(full: dict, named_params, optimizer, zero_stage: int, tp: int, tp_rank: int, path: Path) -> None:
-    """Give this rank's parameters and Adam state their slices of the dense tensors in `full`."""
+def load_universal(path: Path, manifest: dict, named_params, optimizer, zero_stage: int, tp: int, tp_rank: int) -> None:
+    """Give this rank's parameters and Adam state their slices of the saved dense tensors, reading only those."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from longtrain.trainer.parallel.tensor import shard_dim
-
     named_params = list(named_params)
-    missing = sorted({n for n, _ in named_params} - set(full))
-    if missing:
-        raise LongtrainError(f"checkpoint {path} holds no {missing[0]} (and {len(missing) - 1} more): another model?")
+    slices = read_slices(path, manifest, {n: (_dense_shape(p), tp, tp_rank) for n, p in named_params})
     base = _base(optimizer)
-    step = max(full[n]["step"] for n, _ in named_params)
+    step = max(slices[n]["step"] for n, _ in named_params)
     if zero_stage:  # Adam's state on the flat partitions exists only after a first step: make it, then link it
         for flat in _flat_groups(optimizer):
             base.state[flat] = {"step": torch.tensor(float(step)), **{k: torch.zeros_like(flat) for k in MOMENTS}}
         _relink(optimizer)
     for name, param in named_params:
-        entry = full[name]
-        shape = _dense_shape(param)
-        try:
-            dim = shard_dim(shape, entry["param"].shape, tp)
-        except ValueError:
-            raise LongtrainError(f"checkpoint {path}: {name} is {tuple(entry['param'].shape)}, which this rank's "
-                                 f"{tuple(shape)} at tp={tp} is not a slice of: another model?") from None
-        mine = {k: entry[k] if dim is None else entry[k].narrow(dim, tp_rank * shape[dim], shape[dim]).contiguous()
-                for k in ("param", *MOMENTS)}
+        mine = slices[name]
         if zero_stage:
             safe_set_full_fp32_param(param, mine["param"])
             for k in MOMENTS:
@@ -153,7 +332,7 @@ def load_universal(full: dict, named_params, optimizer, zero_stage: int, tp: int
                 param.data.copy_(mine["param"])
         else:
             param.data.copy_(mine["param"])
-            base.state[param] = {"step": torch.tensor(float(entry["step"])), **{k: mine[k].clone() for k in MOMENTS}}
+            base.state[param] = {"step": torch.tensor(float(mine["step"])), **{k: mine[k].clone() for k in MOMENTS}}
     if zero_stage == 3:  # the model's own partitions follow the fp32 master partitions
         for lp, hp in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
             lp.data.copy_(hp.data)
@@ -164,11 +343,14 @@ def consolidated_weights(path: Path, manifest: dict) -> dict:
     from longtrain.trainer.checkpoint import load_rank_state
 
     world = manifest.get("world_size", 1)
-    if world == 1:  # one rank: its own model state is whole when it has no layout-free section
+    if world == 1 and manifest["layout"].get("zero_stage", 0) < 3:  # one rank's own model state is whole
         state = load_rank_state(path, 0, mmap=True)
-        if "universal" not in state:
-            if not isinstance(state.get("model"), dict):
-                raise LongtrainError(f"checkpoint {path}: rank00000.pt holds no model state (keys: "
-                                     f"{', '.join(map(str, state))[:80]})")
-            return state["model"]
-    return {name: entry["param"] for name, entry in read_universal(path, world).items()}
+        if not isinstance(state.get("model"), dict):
+            raise LongtrainError(f"checkpoint {path}: rank00000.pt holds no model state (keys: "
+                                 f"{', '.join(map(str, state))[:80]})")
+        return state["model"]
+    pieces = _pieces(path, manifest)
+    if not pieces:  # universal sections inside the rank files (older checkpoints)
+        return {name: entry["param"] for name, entry in read_universal(path, world).items()}
+    dense = {name: (_dense_shape_of(found), 1, 0) for name, found in pieces.items()}
+    return {name: entry["param"] for name, entry in read_slices(path, manifest, dense, keys=("param",)).items()}
