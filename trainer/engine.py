@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.trainer.errors import LongtrainError
+from longtrain.trainer.parallel import collectives
 
 
 def _free_port() -> int:
@@ -97,6 +98,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
         else:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        collectives.init_control_group()
         return dist.get_rank(), dist.get_world_size(), local_rank
     if "RANK" not in os.environ:
         # No port is listened on; DeepSpeed's CPU shared-memory op names its segment after MASTER_ADDR:PORT.
@@ -125,6 +127,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **bound)
     # On a group that exists DeepSpeed only starts its comm backend (TorchBackend), as after its own init.
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+    collectives.init_control_group()
     return rank, world, local_rank
 
 
@@ -175,7 +178,7 @@ class SkippingAdamW(torch.optim.AdamW):
         finite = (torch.stack([g.isfinite().all() for g in grads]).all().float() if grads
                   else torch.ones((), device=params[0].device))
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            collectives.all_reduce(finite, op=dist.ReduceOp.MIN)
         self.overflow = not bool(finite)
         return None if self.overflow else super().step(closure)
 

@@ -35,6 +35,7 @@ from longtrain.trainer.metrics import (MetricsLog, flops_per_token, machine_memo
                                        peak_memory_bytes, progress_line)
 from longtrain.trainer.model.decoder import Decoder, count_parameters, lm_loss
 from longtrain.trainer.model.ode import ode_stats
+from longtrain.trainer.parallel import collectives
 from longtrain.trainer.parallel.mesh import build_mesh
 from longtrain.trainer.parallel.parallelize import parallelize
 from longtrain.trainer.parallel.plan import TooLargeToEstimate, build_plan, check_memory, format_bytes
@@ -54,12 +55,9 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def agreed(self, world: int) -> bool:
+    def agreed(self) -> bool:
         """True on every rank when any rank received a stop signal."""
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return collectives.agree_any(self.received is not None)
 
 
 def preflight(recipe: Recipe, resume: str | None, world: int | None = None) -> Path | None:
@@ -95,20 +93,28 @@ def check_fits_this_machine(recipe: Recipe, world: int) -> None:
     check_memory(recipe, plan, capacity, where, ranks=sharing)
 
 
-def evaluate(engine, dataset, train_cfg, device, run=None) -> float:
-    if run is not None:  # tp / pp / cp: every rank takes its part of the same batches
-        batches = task_eval_batches if isinstance(dataset, TaskDataset) else eval_batches
-        return run.evaluate((x.to(device), y.to(device))
-                            for x, y in batches(dataset, train_cfg.micro_batch_size, train_cfg.eval_batches))
+def evaluate(engine, dataset, train_cfg, device, run=None, dp_rank: int = 0, dp_size: int = 1) -> float:
+    """Mean loss over the eval batches (the same at every eval). The data-parallel replicas split them
+    (batch i to dp rank i % dp_size), so eval time falls as dp grows; every rank returns the mean."""
+    make = task_eval_batches if isinstance(dataset, TaskDataset) else eval_batches
+    every = list(make(dataset, train_cfg.micro_batch_size, train_cfg.eval_batches))
+    mine = [(x.to(device), y.to(device), 1.0) for x, y in every[dp_rank::dp_size]]
+    # Every rank runs as many forwards (under ZeRO-3 a forward gathers parameters from every dp rank):
+    # a rank with one batch fewer repeats one, counted with weight 0.
+    mine += [(every[0][0].to(device), every[0][1].to(device), 0.0)] * (-(-len(every) // dp_size) - len(mine))
+    if run is not None:  # tp / pp / cp: every rank of a replica takes its part of the same batches
+        return run.evaluate(mine)
     model = engine.module
     model.eval()
-    losses = []
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (weighted sum of batch losses, batches)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16):
-        batches = task_eval_batches if isinstance(dataset, TaskDataset) else eval_batches
-        for inputs, targets in batches(dataset, train_cfg.micro_batch_size, train_cfg.eval_batches):
-            losses.append(lm_loss(model(inputs.to(device)), targets.to(device)).item())
+        for inputs, targets, weight in mine:
+            total[0] += weight * lm_loss(model(inputs), targets).double()
+            total[1] += weight
     model.train()
-    return sum(losses) / len(losses)
+    if dp_size > 1:
+        collectives.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def build_data(recipe: Recipe, rank: int, world: int):
@@ -183,7 +189,7 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch, 
     rank, world, local_rank = init_distributed(timeout_s=recipe.parallel.collective_timeout_s)
     device = device_for(local_rank)
     if world > 1:
-        dist.barrier()
+        collectives.barrier()
     p = recipe.parallel
     mesh = build_mesh(p.tp, p.pp, p.cp, p.collective_timeout_s) if p.tp * p.pp * p.cp > 1 else None
     dp_rank, dp_size = (mesh.coordinates["dp"], mesh.dp) if mesh else (rank, world)
@@ -209,21 +215,22 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch, 
     start_step, resharded = 0, None
     if resume_from is not None:
         manifest = ckpt.read_manifest(resume_from)
+        ckpt.verify_file(resume_from, "recipe.yaml", manifest)  # each rank checks what it reads, and only that
         saved_layout = reshard.layout_key(manifest["layout"], manifest["world_size"])
         layout = reshard.layout_key(recipe.parallel.model_dump(), world)
         state = ckpt.load_rank_state(resume_from, rank) if saved_layout == layout else None
         # the same layout can still cut pipeline stages elsewhere (stage costs depend on data.seq_len)
-        same = torch.tensor([float(state is not None and set(state["model"]) == set(trained.state_dict()))])
-        if saved_layout == layout and world > 1:
-            dist.all_reduce(same, op=dist.ReduceOp.MIN)  # every rank takes the same path
-        if same.item():  # the rank's own engine state: a bitwise-exact resume
+        same = state is not None and set(state["model"]) == set(trained.state_dict())
+        if saved_layout == layout:
+            same = collectives.agree_all(same)  # every rank takes the same path
+        if same:  # the rank's own engine state: a bitwise-exact resume
             if recipe.parallel.zero_stage < 3:  # ZeRO-3's optimizer restores the model's partitions from fp32
                 trained.load_state_dict(state["model"])
             ckpt.load_optimizer_state(optimizer, state["optimizer"])
-        else:  # another layout: every rank takes its slices of the dense tensors (trainer/reshard.py)
-            state = ckpt.load_rank_state(resume_from, 0, mmap=True)  # its scheduler, loader, counters and RNG
-            reshard.load_universal(reshard.read_universal(resume_from, manifest["world_size"]), named_parameters(),
-                                   optimizer, recipe.parallel.zero_stage, tp, tp_rank, resume_from)
+        else:  # another layout: every rank reads only its slices of the dense tensors (trainer/reshard.py)
+            state = ckpt.load_common(resume_from)  # rank 0's scheduler, loader, counters and RNG, no weights
+            reshard.load_universal(resume_from, manifest, named_parameters(), optimizer, recipe.parallel.zero_stage,
+                                   tp, tp_rank)
             resharded = saved_layout
         scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
@@ -276,13 +283,13 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch, 
                     "layout": recipe.parallel.model_dump(), "recipe_sha256": ckpt.hashlib.sha256(recipe_text.encode()).hexdigest(),
                     "tokenizer_sha256": ckpt.sha256(shards.tokenizer.path) if shards else None}
         path = ckpt.save(run_dir / "checkpoints", step, state, manifest, recipe_text, rank=rank,
-                         barrier=dist.barrier if world > 1 else (lambda: None), keep_last=recipe.checkpoint.keep_last)
+                         barrier=collectives.barrier if world > 1 else (lambda: None), keep_last=recipe.checkpoint.keep_last)
         log.print(f"checkpoint: {path}")
         return path
 
     watch.phase = f"eval at step {start_step}"
     if start_step == 0:
-        eval_loss = evaluate(engine, eval_set, recipe.train, device, run)
+        eval_loss = evaluate(engine, eval_set, recipe.train, device, run, dp_rank, dp_size)
         log.write({"step": 0, "eval_loss": eval_loss})
         log.print(f"step {0:>6}/{recipe.train.steps} | eval loss {eval_loss:.4f}")
     window_start, window_tokens = time.perf_counter(), 0
@@ -309,7 +316,7 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch, 
         step += 1
         loss_t = torch.stack(losses).mean()
         if world > 1 and run is None:
-            dist.all_reduce(loss_t, op=dist.ReduceOp.AVG)
+            collectives.all_reduce(loss_t, op=dist.ReduceOp.AVG)
         loss_value = float(loss_t)
         window_tokens += tokens_per_step
         # The same on every rank: ZeRO 0 reduces the finite flag over all ranks, ZeRO 1-3 the gradient norm.
@@ -325,14 +332,16 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch, 
             tokens_per_s = window_tokens / elapsed
             mfu = flops_per_token(model, recipe.data.seq_len) * tokens_per_s / (peak_flops * world)
             memory = peak_memory_bytes(device)
+            every_rank = [int(m) for m in collectives.gather_values(memory)]  # the worst rank is the one that runs out
             record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
-                      "mfu": mfu, "peak_memory_bytes": memory, "consumed_samples": loader.consumed_samples,
+                      "mfu": mfu, "peak_memory_bytes": max(every_rank), "peak_memory_bytes_per_rank": every_rank,
+                      "consumed_samples": loader.consumed_samples,
                       "skipped": skipped, "skipped_steps": skipped_steps,
                       **ode_stats(model if run is None else run.stats_module)}
             log.write(record)
             reported.update(record)
             eta = (time.perf_counter() - run_start) / (step - start_step) * (recipe.train.steps - step)
-            log.print(progress_line(step, recipe.train.steps, loss_value, record["lr"], tokens_per_s, mfu, memory, eta))
+            log.print(progress_line(step, recipe.train.steps, loss_value, record["lr"], tokens_per_s, mfu, max(every_rank), eta))
             window_start, window_tokens = time.perf_counter(), 0
         if nonfinite_in_a_row == recipe.train.max_nonfinite_steps:
             watch.phase = f"checkpoint at step {step}"
@@ -344,7 +353,7 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch, 
         pause = time.perf_counter()  # eval and checkpoint time is left out of the next tokens/s window
         watch.phase = f"eval at step {step}"
         if step % recipe.train.eval_interval == 0 or step == recipe.train.steps:
-            eval_loss = evaluate(engine, eval_set, recipe.train, device, run)
+            eval_loss = evaluate(engine, eval_set, recipe.train, device, run, dp_rank, dp_size)
             log.write({"step": step, "eval_loss": eval_loss})
             reported["eval_loss"] = eval_loss
             log.print(f"step {step:>6}/{recipe.train.steps} | eval loss {eval_loss:.4f}")
@@ -366,7 +375,7 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch, 
         watch.phase = f"the end of train step {step}"
         if on_step is not None:
             on_step(step, reported, saved)
-        if stop.agreed(world):
+        if stop.agreed():
             if last_saved != step:
                 save_checkpoint(step)
             log.print(f"received {stop.received or 'stop from another rank'}: checkpointed step {step}, exiting")
@@ -375,7 +384,7 @@ def _train(recipe: Recipe, resume: str | None, on_step, watch: CollectiveWatch, 
     watch.phase = "final eval"
     if run is not None and recipe.train.sample_tokens:
         run.load_into_dense(model)  # collective: rank 0's dense model gets the trained weights for the sample
-    final = {"step": step, "final_loss": loss_value, "final_eval_loss": evaluate(engine, eval_set, recipe.train, device, run)}
+    final = {"step": step, "final_loss": loss_value, "final_eval_loss": evaluate(engine, eval_set, recipe.train, device, run, dp_rank, dp_size)}
     if rank == 0 and recipe.train.sample_tokens and shards is None:
         prompt, answer = first_question(eval_set, 0)
         new = generate(model, prompt, len(answer))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from longtrain.kernels.attention import attention
 from longtrain.trainer.errors import LongtrainError
+from longtrain.trainer.parallel import collectives
 
 
 # ---- the zigzag layout ----
@@ -76,33 +77,18 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group = group
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        collectives.all_gather(parts, x.contiguous(), group=group)
         return torch.stack(parts)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
+        collectives.all_reduce(grad, group=ctx.group)
         return grad[dist.get_rank(ctx.group)], None
 
 
 def all_gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
     return _AllGather.apply(x, group)
-
-
-def _ring_exchange(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
-    """Send each tensor to the next rank of the ring and receive the previous rank's; returns those."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    send_to = dist.get_global_rank(group, (rank + 1) % size)
-    recv_from = dist.get_global_rank(group, (rank - 1) % size)
-    received = [torch.empty_like(t) for t in tensors]
-    ops = []
-    for t, r in zip(tensors, received):
-        ops.append(dist.P2POp(dist.isend, t.contiguous(), send_to, group))
-        ops.append(dist.P2POp(dist.irecv, r, recv_from, group))
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    return received
 
 
 # ---- ring attention ----
@@ -139,7 +125,7 @@ class _RingAttention(torch.autograd.Function):
                                + o * torch.exp(l - merged).transpose(1, 2).unsqueeze(-1))
                     lse[qi] = merged
             if step < cp - 1:
-                kv = _ring_exchange(list(kv), group)
+                kv = collectives.ring_exchange(list(kv), group)
         out_full = torch.cat(out, dim=1)
         lse_full = torch.cat(lse, dim=2)
         ctx.save_for_backward(q, k, v, out_full, lse_full)
@@ -177,8 +163,8 @@ class _RingAttention(torch.autograd.Function):
                 dv_chunks[ki].add_(dv_b)
             # The accumulators travel with their block; after cp hops both are home.
             if step < cp - 1:
-                kv = _ring_exchange(list(kv), group)
-            dkv = tuple(_ring_exchange(list(dkv), group))
+                kv = collectives.ring_exchange(list(kv), group)
+            dkv = tuple(collectives.ring_exchange(list(dkv), group))
         return torch.cat(dq, dim=1).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 

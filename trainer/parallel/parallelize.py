@@ -21,6 +21,7 @@ from longtrain.trainer.engine import build_optimizer, deepspeed_config
 from longtrain.trainer.faults import nonfinite_loss_poisons_gradients
 from longtrain.trainer.model.decoder import Decoder
 from longtrain.trainer.model.layers import Linears
+from longtrain.trainer.parallel import collectives
 from longtrain.trainer.parallel.context import apply_context_parallel, zigzag_split
 from longtrain.trainer.parallel.mesh import Mesh
 from longtrain.trainer.parallel.pipeline import build_pipeline, load_dense
@@ -117,17 +118,30 @@ class ParallelRun:
 
     @torch.no_grad()
     def evaluate(self, batches) -> float:
-        """Mean loss over (tokens, targets) batches given whole (the same on every rank)."""
+        """Mean loss over the (tokens, targets, weight) batches of every data-parallel replica, each given whole
+        to all ranks of its replica (this rank passes its replica's share; weight 0: run but not counted)."""
         self.module.eval()
-        losses = []
-        for tokens, targets in batches:
+        total = torch.zeros(2, dtype=torch.float64, device=self.engine.device)  # (sum of batch losses, batches)
+        if self.mesh.pp > 1:
+            # DeepSpeed's pipeline keeps its activation buffers sized by the first batch it passed between
+            # stages: eval batches of micro_batch_size sequences and training micro-batches of another
+            # size must each start over (a later stage otherwise read a 2-sequence buffer for 1 sequence).
+            self.engine.reset_activation_shape()
+        for tokens, targets, weight in batches:
             (tokens, targets), = self.prepare_eval(tokens, targets)
             if self.mesh.pp > 1:
-                losses.append(float(self.engine.eval_batch(iter([(tokens, targets)]), num_micro_batches=1)))
+                loss = self.engine.eval_batch(iter([(tokens, targets)]), num_micro_batches=1)
             else:
-                losses.append(self._mean(self.module(tokens, targets)))
+                loss = self.module(tokens, targets)
+            total[0] += weight * loss.detach().double().reshape(())  # the pipeline returns shape (1,)
+            total[1] += weight
+        if self.mesh.pp > 1:
+            self.engine.reset_activation_shape()
         self.module.train()
-        return sum(losses) / len(losses)
+        # Each cp rank's loss is its share scaled by cp (parallel_linear_loss): summed over the dp x cp
+        # group and divided by the batches counted there (each once per cp rank), the mean over all batches.
+        collectives.all_reduce(total, group=self.mesh.dp_cp_group)
+        return (total[0] / total[1]).item()
 
     def prepare_eval(self, tokens, targets):
         cp, cp_rank = self.mesh.cp, self.mesh.coordinates["cp"]
@@ -136,7 +150,7 @@ class ParallelRun:
     def _mean(self, loss: torch.Tensor) -> float:
         """Average over dp x cp: equal token counts on every rank, so the mean over all tokens."""
         loss = loss.detach().clone()
-        dist.all_reduce(loss, group=self.mesh.dp_cp_group)
+        collectives.all_reduce(loss, group=self.mesh.dp_cp_group)
         return float(loss) / (self.mesh.dp * self.mesh.cp)
 
     def dense_named_parameters(self):
@@ -164,9 +178,8 @@ class ParallelRun:
         shapes = {n: p.shape for n, p in dense.named_parameters()}
         tp_rank = self.mesh.coordinates["tp"]
         mine = {n: (t, shard_dim(t.shape, shapes[n], self.mesh.tp), tp_rank) for n, t in self.gathered_parameters().items()}
-        pieces = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(mine if self.mesh.coordinates["cp"] == self.mesh.coordinates["dp"] == 0 else {}, pieces, dst=0)
-        if dist.get_rank() != 0:
+        pieces = collectives.gather_object(mine if self.mesh.coordinates["cp"] == self.mesh.coordinates["dp"] == 0 else {})
+        if pieces is None:
             return
         params = dict(dense.named_parameters())
         with torch.no_grad():
@@ -217,13 +230,13 @@ def _clip_pipeline_gradients(engine, mesh: Mesh) -> None:
     runtime.utils.clip_grad_norm_ counts a parameter without a model-parallel mark only on the first
     rank of the pipe x model group, so later stages' parameters are left out of the norm and the
     clipped step differs from one process. ZeRO-1's own norm is right and is left alone."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)  # the compute device: NCCL takes no host tensor
     for p in engine.module.parameters():
         if p.grad is None or getattr(p, "ds_pipe_replicated", False):
             continue  # a tied copy: its twin on the first stage holding it is counted
         if mesh.coordinates["tp"] == 0 or getattr(p, "tensor_model_parallel", False):
             total += p.grad.double().pow(2).sum()
-    dist.all_reduce(total, group=engine.grid.get_model_parallel_group())
+    collectives.all_reduce(total, group=engine.grid.get_model_parallel_group())
     coefficient = engine.gradient_clipping() / (total.sqrt().item() + 1e-6)
     if coefficient < 1:
         for p in engine.module.parameters():
@@ -233,7 +246,7 @@ def _clip_pipeline_gradients(engine, mesh: Mesh) -> None:
 
 def _sum_over(moments: torch.Tensor, group) -> torch.Tensor:
     moments = moments.clone()
-    dist.all_reduce(moments, group=group)  # one ring all-reduce: the same bits on every rank
+    collectives.all_reduce(moments, group=group)  # one ring all-reduce: the same bits on every rank
     return moments
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from longtrain.trainer.parallel import collectives
 from longtrain.trainer.parallel.mesh import Mesh
 
 
@@ -94,7 +95,7 @@ class _CopyToTensorParallel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
-        torch.distributed.all_reduce(grad, group=ctx.group)
+        collectives.all_reduce(grad, group=ctx.group)
         return grad, None
 
 
@@ -138,8 +139,6 @@ def load_dense_shards(model: nn.Module, dense_state: dict, tp_rank: int, tp: int
 
 def gather_dense(model: nn.Module, dense_shapes: dict, group, tp: int) -> dict:
     """The full tensors of a tensor-parallel model (every rank gets all), keyed like the dense model."""
-    import torch.distributed as dist
-
     out = {}
     for name, tensor in _tensors(model):
         dim = shard_dim(tensor.shape, dense_shapes[name], tp)
@@ -147,7 +146,7 @@ def gather_dense(model: nn.Module, dense_shapes: dict, group, tp: int) -> dict:
             out[name] = tensor.clone()
             continue
         parts = [torch.empty_like(tensor) for _ in range(tp)]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
+        collectives.all_gather(parts, tensor.contiguous(), group=group)
         out[name] = torch.cat(parts, dim=dim)
     return out
 
@@ -159,7 +158,7 @@ def _scale_by_scored(total: torch.Tensor, targets: torch.Tensor, mesh: Mesh) -> 
     """cp * total / (scored tokens over the cp group): averaged over the cp ranks, the mean per scored token."""
     count = (targets != IGNORE_INDEX).sum().to(torch.float64)
     if mesh.cp > 1:
-        torch.distributed.all_reduce(count, group=mesh.cp_group)
+        collectives.all_reduce(count, group=mesh.cp_group)
     return total * (mesh.cp / count.clamp(min=1)).to(total.dtype)
 
 
@@ -188,13 +187,13 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             mine = (local >= 0) & (local < shard)  # ignored targets (-100) are never this rank's
             row_max = logits.amax(dim=-1)
             if group is not None:
-                torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=group)
+                collectives.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=group)
             logits.sub_(row_max[:, None])
             picked = logits.gather(1, local.clamp(0, shard - 1)[:, None]).squeeze(1)
             logits.exp_()
             stats = torch.stack([logits.sum(dim=-1), torch.where(mine, picked, 0.0)])  # one all-reduce for both
             if group is not None:
-                torch.distributed.all_reduce(stats, group=group)
+                collectives.all_reduce(stats, group=group)
             sum_exp, target_logit = stats
             scored = (t != IGNORE_INDEX).to(acc)
             total += ((sum_exp.log() - target_logit) * scored).sum()
