@@ -82,10 +82,12 @@ setup(
         "rich>=13",
         "numpy",
         "safetensors>=0.4",
+        "pyarrow>=14",  # parquet and Arrow corpora, read as streams (trainer/data/columnar.py)
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        # transformers: the peer in tests that compare against it (the bench peer rows), never a training dependency
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40"],
         "gpu": ["flash-attn", "mamba-ssm"],
         "bench": ["transformers>=4.40"],  # the peers of bench/train_throughput.py (Llama, Mamba), random init
     },

@@ -2,6 +2,7 @@
 
     longtrain train [RECIPE] [--resume auto|PATH | --overwrite] [section.key=value ...]
     longtrain plan RECIPE [--world-size N] [section.key=value ...]
+    longtrain data prepare RECIPE [--workers N] [section.key=value ...]
     longtrain eval CKPT [--task perplexity|passkey|mqar] [--lengths 1x,2x,4x]
     longtrain generate CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-p P]
     longtrain report RUN_DIR
@@ -19,6 +20,7 @@ import sys
 import warnings
 
 from longtrain.launch.ckpt import add_parser as add_ckpt_parser
+from longtrain.launch.data import add_parser as add_data_parser
 from longtrain.launch.evaluate import add_parsers as add_evaluate_parsers
 from longtrain.launch.plan import add_parser as add_plan_parser
 from longtrain.launch.ray_launch import add_parser as add_launch_parser
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_plan_parser(sub)
     add_ckpt_parser(sub)
+    add_data_parser(sub)
     add_evaluate_parsers(sub)
     add_report_parser(sub)
     add_launch_parser(sub)
