@@ -44,7 +44,8 @@ def _train_checked(rank, world, run_dir, parallel, steps, resume):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("parallel", [{}, {"pp": 2, "micro_batches": 2}, {"tp": 2}, {"cp": 2}],
+@pytest.mark.parametrize("parallel", [{}, {"pp": 2, "micro_batches": 2}, pytest.param({"tp": 2}, marks=pytest.mark.slow),
+                                      pytest.param({"cp": 2}, marks=pytest.mark.slow)],
                          ids=["dp2", "pp2", "tp2", "cp2"])
 def test_training_loop_sends_no_host_tensor_over_a_compute_group(parallel, tmp_path):
     assert run_ranks(_train_checked, 2, args=(tmp_path, parallel, STEPS, None), deepspeed=True) == [STEPS, STEPS]
@@ -56,6 +57,7 @@ def test_training_loop_sends_no_host_tensor_over_a_compute_group(parallel, tmp_p
         assert record["peak_memory_bytes"] == max(record["peak_memory_bytes_per_rank"])
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_resume_decides_its_path_on_the_control_group(tmp_path):
     run_ranks(_train_checked, 2, args=(tmp_path, {}, 2, None), deepspeed=True)

@@ -185,6 +185,7 @@ def test_ranks_started_by_hand_listen_on_loopback_only(tmp_path):
     assert any(x.port == port for x in found), describe(found)  # rank 0's store, on 127.0.0.1
 
 
+@pytest.mark.slow
 def test_torchrun_workers_listen_on_loopback_its_agent_on_all_interfaces(tmp_path):
     """torchrun --master_addr 127.0.0.1: the workers' sockets are on loopback; the agent's store (the
     torchrun process itself) is on every interface, as the README says."""

@@ -19,6 +19,7 @@ def _measure(rank, world):
     return bench.measure(rank, VOCAB, SEQ_LEN, 64, world)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_loss_extra_memory_is_an_eighth_of_the_logits_at_most():
     full_logits = SEQ_LEN * VOCAB * 4
