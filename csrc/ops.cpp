@@ -2,6 +2,8 @@
 // register themselves next to their kernels (csrc/<op>/*_cpu.cpp, csrc/<op>/*_cuda_binding.cpp).
 #include <torch/extension.h>
 
+#include "common/cpu_parallel.h"
+
 TORCH_LIBRARY(longtrain, m) {
   // Selective scan (Mamba). `checkpoints` holds the state at the start of every `chunk` steps,
   // (batch, dim, n_chunks, state) float32, so the backward recomputes states chunk by chunk.
@@ -36,6 +38,10 @@ TORCH_LIBRARY(longtrain, m) {
   // Rotary embedding of x (batch, seq, heads, dim), rotate-half pairs, by cos/sin (seq, dim / 2);
   // inverse rotates by the opposite angle (the backward).
   m.def("rotary(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
+  // Test hook of the determinism tests: the order in which CPU kernels hand tasks to workers
+  // (0 in order, 1 reversed, 2 shuffled by `seed`, 3 one slowed worker; common/cpu_parallel.h).
+  // Returns the previous order. Results must not depend on it.
+  m.def("_set_task_order(int mode, int seed) -> int", &longtrain::set_task_order);
 }
 
 // The extension is imported as a Python module (longtrain.kernels._C) to load the ops above.

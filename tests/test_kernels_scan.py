@@ -68,6 +68,30 @@ def test_scan_matches_float64_reference(dtype, batch, dim, state, seq, with_stat
     check_against_gold(inputs, dtype, softplus=True, seed=seed)
 
 
+def test_scan_over_several_blocks_and_segments():
+    """70 channels and 1300 steps: the backward sums dB, dC over three blocks of channels, in two segments."""
+    inputs = make_inputs(1, 70, 5, 1300, torch.float32, with_state=True, with_extras=True, seed=13)
+    check_against_gold(inputs, torch.float32, softplus=True, seed=13)
+
+
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_scan_of_an_empty_sequence(with_extras):
+    """seq 0: out is empty, the last state is the initial state, and every gradient has its input's shape."""
+    inputs = make_inputs(2, 3, 4, 0, torch.float32, with_state=True, with_extras=with_extras, seed=17)
+    leaves = {k: v.detach().requires_grad_() if v is not None else None for k, v in inputs.items()}
+    out, last = scan.selective_scan(*(leaves[k] for k in NAMES[:5]), D=leaves["D"], z=leaves["z"],
+                                    delta_bias=leaves["delta_bias"], delta_softplus=True, return_last_state=True,
+                                    initial_state=leaves["initial_state"], backend="csrc")
+    assert out.shape == (2, 3, 0) and torch.equal(last, inputs["initial_state"])
+    dlast = torch.randn(last.shape)
+    torch.autograd.backward([out, last], [torch.zeros(out.shape), dlast])
+    for name, leaf in leaves.items():
+        if leaf is not None:
+            assert leaf.grad.shape == leaf.shape, name
+    assert torch.equal(leaves["initial_state"].grad, dlast)
+    assert not leaves["A"].grad.any() and not leaves["B"].grad.numel()
+
+
 @pytest.mark.parametrize("softplus", [False, True])
 def test_scan_without_optional_inputs(softplus):
     inputs = make_inputs(2, 4, 16, 200, torch.float32, with_state=False, with_extras=False, seed=3)

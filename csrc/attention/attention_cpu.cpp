@@ -1,7 +1,9 @@
 // Flash-style attention on CPU, forward and backward (Dao 2023, "FlashAttention-2", Alg. 1 and 2).
 //
 // Work is split over (batch, head, query tile) in the forward and over (batch, head) in the
-// backward, handed to workers one task at a time (cpu_parallel.h). Scores exist only one
+// backward, handed to workers one task at a time (cpu_parallel.h); each task writes only its own rows
+// of out and lse, or its own head's dq, dk and dv, so no sum crosses tasks and the results do not depend
+// on which worker ran which task (dk, dv of grouped heads are summed afterwards). Scores exist only one
 // (query tile x key tile) block at a time, so memory grows linearly with the sequence: the
 // forward keeps a running max and sum per row (online softmax, Milakov & Gimelshein 2018) and
 // the backward recomputes probabilities from the saved log-sum-exp. The five tile products go
@@ -29,6 +31,7 @@
 #include "../common/cpu_convert.h"
 #include "../common/cpu_math.h"
 #include "../common/cpu_parallel.h"
+#include "attention_checks.h"
 
 extern "C" {
 // Fortran BLAS, exported by libtorch_cpu when torch is built with MKL or OpenBLAS. Weak, so the
@@ -128,7 +131,7 @@ void softmax_tile(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j
 }
 
 void forward_tile(const AttentionProblem& p, const float* q, const float* k, const float* v, float* out, float* lse,
-                  int64_t b, int64_t h, int64_t i0, std::vector<float>& scores) {
+                  int64_t b, int64_t h, int64_t i0, float* scores) {
   const int64_t rows = std::min(p.tile_q, p.seq_q - i0), d = p.dim, ldq = p.q_stride(), ldk = p.kv_stride();
   const int64_t kvh = h / (p.heads / p.kv_heads);
   const float* q_tile = q + (b * p.seq_q + i0) * ldq + h * d;
@@ -144,9 +147,9 @@ void forward_tile(const AttentionProblem& p, const float* q, const float* k, con
   const int64_t end = p.key_end(i0 + rows);
   for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
     const int64_t width = std::min(kTileK, end - j0);
-    gemm(false, true, rows, width, d, p.scale, q_tile, ldq, k_head + j0 * ldk, ldk, 0.0f, scores.data(), kTileK);
-    softmax_tile(p, rows, i0, j0, width, scores.data(), row_max, row_sum, o_tile, ldq);
-    gemm(false, false, rows, d, width, 1.0f, scores.data(), kTileK, v_head + j0 * ldk, ldk, 1.0f, o_tile, ldq);
+    gemm(false, true, rows, width, d, p.scale, q_tile, ldq, k_head + j0 * ldk, ldk, 0.0f, scores, kTileK);
+    softmax_tile(p, rows, i0, j0, width, scores, row_max, row_sum, o_tile, ldq);
+    gemm(false, false, rows, d, width, 1.0f, scores, kTileK, v_head + j0 * ldk, ldk, 1.0f, o_tile, ldq);
   }
   finish_rows(rows, d, o_tile, ldq, row_max, row_sum, o_tile, ldq, lse + (b * p.heads + h) * p.seq_q + i0);
 }
@@ -208,8 +211,7 @@ void row_deltas(int64_t rows, int64_t d, const T* dout, int64_t lddo, const T* o
 }
 
 void backward_head(const AttentionProblem& p, const float* q, const float* k, const float* v, const float* dout,
-                   const float* out, const AttentionGrads& g, int64_t b, int64_t h, std::vector<float>& probs,
-                   std::vector<float>& dprobs) {
+                   const float* out, const AttentionGrads& g, int64_t b, int64_t h, float* probs, float* dprobs) {
   const int64_t d = p.dim, ldq = p.q_stride(), ldk = p.kv_stride();
   const int64_t kvh = h / (p.heads / p.kv_heads);
   const float* k_head = k + b * p.seq_k * ldk + kvh * d;
@@ -226,15 +228,15 @@ void backward_head(const AttentionProblem& p, const float* q, const float* k, co
     const int64_t end = p.key_end(i0 + rows);
     for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
       const int64_t width = std::min(kTileK, end - j0);
-      gemm(false, true, rows, width, d, p.scale, q_tile, ldq, k_head + j0 * ldk, ldk, 0.0f, probs.data(), kTileK);
+      gemm(false, true, rows, width, d, p.scale, q_tile, ldq, k_head + j0 * ldk, ldk, 0.0f, probs, kTileK);
       for (int64_t r = 0; r < rows; ++r)
-        probabilities_row(probs.data() + r * kTileK, p.visible(i0 + r, j0, width), width, g.lse[row0 + i0 + r]);
-      gemm(true, false, width, d, rows, 1.0f, probs.data(), kTileK, do_tile, ldq, 1.0f, dv_head + j0 * ldq, ldq);
-      gemm(false, true, rows, width, d, 1.0f, do_tile, ldq, v_head + j0 * ldk, ldk, 0.0f, dprobs.data(), kTileK);
+        probabilities_row(probs + r * kTileK, p.visible(i0 + r, j0, width), width, g.lse[row0 + i0 + r]);
+      gemm(true, false, width, d, rows, 1.0f, probs, kTileK, do_tile, ldq, 1.0f, dv_head + j0 * ldq, ldq);
+      gemm(false, true, rows, width, d, 1.0f, do_tile, ldq, v_head + j0 * ldk, ldk, 0.0f, dprobs, kTileK);
       for (int64_t r = 0; r < rows; ++r)
-        score_grad_row(probs.data() + r * kTileK, dprobs.data() + r * kTileK, width, width, delta[r]);
-      gemm(false, false, rows, d, width, p.scale, dprobs.data(), kTileK, k_head + j0 * ldk, ldk, 1.0f, dq_tile, ldq);
-      gemm(true, false, width, d, rows, p.scale, dprobs.data(), kTileK, q_tile, ldq, 1.0f, dk_head + j0 * ldq, ldq);
+        score_grad_row(probs + r * kTileK, dprobs + r * kTileK, width, width, delta[r]);
+      gemm(false, false, rows, d, width, p.scale, dprobs, kTileK, k_head + j0 * ldk, ldk, 1.0f, dq_tile, ldq);
+      gemm(true, false, width, d, rows, p.scale, dprobs, kTileK, q_tile, ldq, 1.0f, dk_head + j0 * ldq, ldq);
     }
   }
 }
@@ -409,14 +411,9 @@ void backward_head_bf16(const AttentionProblem& p, const Bf16Backward& x, const 
     }
 }
 
-AttentionProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                              double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(),
-              "attention: q must be (batch, seq_q, heads, dim), k and v (batch, seq_k, kv_heads, dim)");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "attention: q and k differ in batch or head dim");
-  TORCH_CHECK(q.size(2) % k.size(2) == 0, "attention: heads must be a multiple of kv_heads");
-  const int64_t tile_q = q.size(1) >= 768 ? 256 : 64;
-  return {q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, static_cast<float>(scale), tile_q};
+AttentionProblem make_problem(const AttentionShape& s, bool causal, double scale) {
+  const int64_t tile_q = s.seq_q >= 768 ? 256 : 64;
+  return {s.batch, s.seq_q, s.seq_k, s.heads, s.kv_heads, s.dim, causal, static_cast<float>(scale), tile_q};
 }
 
 // bfloat16 products for bfloat16 inputs with an even head dim where the CPU has them natively.
@@ -459,7 +456,8 @@ at::Tensor dim_major(const at::Tensor& x_in) {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, bool causal, double scale) {
-  const AttentionProblem p = make_problem(q_in, k_in, v_in, causal, scale);
+  const checks::Call call("attention_fwd", q_in, "q", c10::DeviceType::CPU);
+  const AttentionProblem p = make_problem(check_attention_inputs(call, q_in, k_in, v_in), causal, scale);
   at::Tensor lse = at::empty({p.batch, p.heads, p.seq_q}, q_in.options().dtype(at::kFloat));
   const int64_t tiles = (p.seq_q + p.tile_q - 1) / p.tile_q, heads = p.batch * p.heads, tasks = heads * tiles;
   // Tasks run last query tiles first: under a causal mask they see the most keys.
@@ -479,10 +477,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   at::Tensor out = at::empty(q.sizes(), q.options());
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  std::vector<std::vector<float>> scores(task_workers(tasks), std::vector<float>(p.tile_q * kTileK));
+  std::vector<AlignedFloats> scores(task_workers(tasks));
+  for (auto& buffer : scores) buffer = aligned_floats(p.tile_q * kTileK);
   parallel_tasks(tasks, [&](int64_t task, int64_t worker) {
     const int64_t bh = task % heads, tile = tiles - 1 - task / heads;
-    forward_tile(p, qp, kp, vp, op, lp, bh / p.heads, bh % p.heads, tile * p.tile_q, scores[worker]);
+    forward_tile(p, qp, kp, vp, op, lp, bh / p.heads, bh % p.heads, tile * p.tile_q, scores[worker].get());
   });
   return {out.to(q_in.scalar_type()), lse};
 }
@@ -492,9 +491,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                                                                  const at::Tensor& out, const at::Tensor& lse,
                                                                  const std::optional<at::Tensor>& dlse,
                                                                  bool causal, double scale) {
-  const AttentionProblem p = make_problem(q_in, k_in, v_in, causal, scale);
+  const checks::Call call("attention_bwd", dout, "dout", c10::DeviceType::CPU);
+  const AttentionShape shape = check_attention_inputs(call, q_in, k_in, v_in);
+  check_attention_grads(call, shape, dout, out, lse, dlse);
+  const AttentionProblem p = make_problem(shape, causal, scale);
   at::Tensor lse_f = as_float(lse), dlse_f;
-  if (dlse && dlse->defined()) dlse_f = as_float(*dlse);
+  if (checks::Call::present(dlse)) dlse_f = as_float(*dlse);
   auto fopts = q_in.options().dtype(at::kFloat);
   const bool lo = use_bf16_gemm(p, {q_in, k_in, v_in});
   // The bfloat16 path writes every element of dq (bfloat16) and of each head's dk, dv: no zeroing.
@@ -518,10 +520,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
     });
   } else {
     at::Tensor q = as_float(q_in), k = as_float(k_in), v = as_float(v_in), d_out = as_float(dout), o = as_float(out);
-    parallel_tasks(p.batch * p.heads, [&](int64_t bh, int64_t) {
-      std::vector<float> probs(p.tile_q * kTileK), dprobs(p.tile_q * kTileK);
+    std::vector<AlignedFloats> probs(task_workers(p.batch * p.heads)), dprobs(probs.size());
+    for (size_t w = 0; w < probs.size(); ++w) {
+      probs[w] = aligned_floats(p.tile_q * kTileK);
+      dprobs[w] = aligned_floats(p.tile_q * kTileK);
+    }
+    parallel_tasks(p.batch * p.heads, [&](int64_t bh, int64_t worker) {
       backward_head(p, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), d_out.data_ptr<float>(),
-                    o.data_ptr<float>(), g, bh / p.heads, bh % p.heads, probs, dprobs);
+                    o.data_ptr<float>(), g, bh / p.heads, bh % p.heads, probs[worker].get(), dprobs[worker].get());
     });
   }
   const int64_t group = p.heads / p.kv_heads;

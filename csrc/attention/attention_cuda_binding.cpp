@@ -1,10 +1,12 @@
 // Torch binding of the CUDA attention (attention_cuda.cu); compiled only when the extension is
-// built with CUDA. Tensors are checked and made contiguous here; the kernels see raw pointers.
+// built with CUDA. Tensors are checked (attention_checks.h, the same checks as the CPU kernel's) and
+// made contiguous here; the kernels see raw pointers.
 #ifdef LONGTRAIN_WITH_CUDA
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "attention_checks.h"
 #include "attention_cuda.h"
 
 namespace longtrain {
@@ -19,14 +21,14 @@ cuda::DType dtype_of(const at::Tensor& x) {
   }
 }
 
-cuda::AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                                  double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "attention (CUDA): bad shapes");
-  TORCH_CHECK(q.size(2) % k.size(2) == 0, "attention (CUDA): heads must be a multiple of kv_heads");
-  TORCH_CHECK(cuda::attention_supports_head_dim(static_cast<int>(q.size(3))),
-              "attention (CUDA): head_dim must be 32, 64 or 128, got ", q.size(3));
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "attention (CUDA): q, k, v must share a dtype");
+// q, k, v contiguous, checked by check_attention_inputs; the CUDA kernels want one dtype and some head dims.
+cuda::AttentionParams make_params(const checks::Call& call, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, bool causal, double scale) {
+  TORCH_CHECK(cuda::attention_supports_head_dim(static_cast<int>(q.size(3))), call.op,
+              " (CUDA): head_dim must be 32, 64 or 128, got ", q.size(3));
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), call.op,
+              " (CUDA): q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
   return cuda::AttentionParams{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(k.size(1)),
                                static_cast<int>(q.size(2)), static_cast<int>(k.size(2)), static_cast<int>(q.size(3)),
                                causal, static_cast<float>(scale), dtype_of(q), q.data_ptr(), k.data_ptr(),
@@ -35,9 +37,11 @@ cuda::AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, cons
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, bool causal, double scale) {
+  const checks::Call call("attention_fwd", q_in, "q", c10::DeviceType::CUDA);
+  check_attention_inputs(call, q_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  auto p = make_params(q, k, v, causal, scale);
+  auto p = make_params(call, q, k, v, causal, scale);
   at::Tensor out = at::empty_like(q), lse = at::empty({p.batch, p.heads, p.seq_q}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
@@ -51,12 +55,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
                                                                   const at::Tensor& out, const at::Tensor& lse,
                                                                   const std::optional<at::Tensor>& dlse, bool causal,
                                                                   double scale) {
+  const checks::Call call("attention_bwd", dout, "dout", c10::DeviceType::CUDA);
+  check_attention_grads(call, check_attention_inputs(call, q_in, k_in, v_in), dout, out, lse, dlse);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  auto p = make_params(q, k, v, causal, scale);
+  auto p = make_params(call, q, k, v, causal, scale);
   at::Tensor lse_c = lse.to(at::kFloat).contiguous(), dlse_c;
   p.lse = lse_c.data_ptr<float>();
-  if (dlse && dlse->defined()) dlse_c = dlse->to(at::kFloat).contiguous();
+  if (checks::Call::present(dlse)) dlse_c = dlse->to(at::kFloat).contiguous();
   at::Tensor dout_c = dout.to(q.scalar_type()).contiguous(), out_c = out.to(q.scalar_type()).contiguous();
   auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({p.batch, p.heads, p.seq_q}, f32), dq = at::empty_like(q);

@@ -5,14 +5,18 @@
 // it. Here a row is loaded once into float32, normalised and scaled, and stored once in the output
 // dtype (the autocast dtype under autocast, so the linear layers that follow need no cast); the
 // backward reads dy, x and the saved 1/rms once and writes dx once. The weight's gradient is summed in
-// float32 per worker, then over workers.
+// float32 per fixed block of rows, then over the blocks in order: the blocks follow the row count only,
+// so dweight is the same whatever the thread count (common/cpu_parallel.h).
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/cpu_convert.h"
 #include "../common/cpu_math.h"
+#include "../common/cpu_parallel.h"
 
 namespace longtrain {
 namespace {
@@ -50,16 +54,26 @@ void rms_backward_row(const float* __restrict dy, const float* __restrict x, con
   }
 }
 
-void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), op, ": x must be contiguous, got strides ", x.strides());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must be (", x.size(-1), "), got ",
-              weight.sizes());
+// Blocks of rows of the backward, each with its own partial dweight: at least kMinBlockRows rows, at
+// most kMaxBlocks blocks (few enough that summing the partials costs little).
+constexpr int64_t kMinBlockRows = 64, kMaxBlocks = 64;
+
+// x (..., n) contiguous with n > 0, weight (n,); returns n.
+int64_t check_rows(const checks::Call& call, const at::Tensor& x, const at::Tensor& weight) {
+  using checks::DTypes;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, call.op, ": x must have shape (..., d_model) with d_model > 0, got ",
+              checks::sizes_string(x.sizes()));
+  call.tensor(x, "x", "(..., d_model)", x.sizes(), DTypes::kFloats, checks::Layout::kContiguous);
+  call.tensor(weight, "weight", "(d_model,) with d_model x's last dim", {x.size(-1)}, DTypes::kFloats);
+  return x.size(-1);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, double eps,
                                                     at::ScalarType out_dtype) {
-  check_rows(x, weight, "rms_norm_fwd");
-  const int64_t n = x.size(-1), rows = x.numel() / n;
+  const checks::Call call("rms_norm_fwd", x, "x", c10::DeviceType::CPU);
+  const int64_t n = check_rows(call, x, weight), rows = x.numel() / n;
+  TORCH_CHECK(checks::dtype_allowed(out_dtype, checks::DTypes::kFloats), call.op,
+              ": out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
@@ -87,14 +101,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const a
 // dx in x's dtype; dweight float32.
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy_in, const at::Tensor& x,
                                                     const at::Tensor& weight, const at::Tensor& rstd_in) {
-  check_rows(x, weight, "rms_norm_bwd");
-  TORCH_CHECK(dy_in.sizes() == x.sizes(), "rms_norm_bwd: dy must match x, got ", dy_in.sizes(), " and ", x.sizes());
-  const int64_t n = x.size(-1), rows = x.numel() / n;
-  const at::Tensor dy = dy_in.contiguous(), rstd = rstd_in.to(at::kFloat).contiguous();
+  const checks::Call call("rms_norm_bwd", x, "x", c10::DeviceType::CPU);
+  const int64_t n = check_rows(call, x, weight), rows = x.numel() / n;
+  call.tensor(dy_in, "dy", "(..., d_model) like x", x.sizes(), checks::DTypes::kFloats);
+  call.tensor(rstd_in, "rstd", "x's shape without d_model", x.sizes().slice(0, x.dim() - 1), checks::DTypes::kFloat32);
+  const at::Tensor dy = dy_in.contiguous(), rstd = rstd_in.contiguous();
   const at::Tensor w = weight.to(at::kFloat).contiguous();
-  TORCH_CHECK(rstd.numel() == rows, "rms_norm_bwd: rstd must hold one value per row");
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 64));
+  const int64_t chunks = std::clamp<int64_t>(rows / kMinBlockRows, 1, kMaxBlocks);
   at::Tensor dw_parts = at::zeros({chunks, n}, x.options().dtype(at::kFloat));
   dispatch_float_types(x.scalar_type(), "rms_norm_bwd x", [&](auto xt) {
     dispatch_float_types(dy.scalar_type(), "rms_norm_bwd dy", [&](auto dyt) {
@@ -105,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy_in, con
       X* dxp = dx.data_ptr<X>();
       const float *wp = w.data_ptr<float>(), *rp = rstd.data_ptr<float>();
       float* dwp = dw_parts.data_ptr<float>();
-      // A fixed split into `chunks` ranges, each with its own partial dweight.
+      // `chunks` fixed ranges of rows, each with its own partial dweight.
       at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
         std::vector<float> xf(n), dyf(n), dxf(n);
         for (int64_t c = c0; c < c1; ++c)
@@ -118,7 +132,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& dy_in, con
       });
     });
   });
-  return {dx, dw_parts.sum(0)};
+  at::Tensor dweight = at::empty({n}, dw_parts.options());
+  sum_in_order(dw_parts.data_ptr<float>(), chunks, n, n, dweight.data_ptr<float>());
+  return {dx, dweight};
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/cpu_convert.h"
 #include "../common/cpu_math.h"
 
@@ -25,12 +26,13 @@ void rotate_head(const float* __restrict x, const float* __restrict cos, const f
 }
 
 at::Tensor rotary_cpu(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool inverse) {
-  TORCH_CHECK(x_in.dim() == 4 && x_in.size(3) % 2 == 0,
-              "rotary: x must be (batch, seq, heads, head_dim) with an even head_dim, got ", x_in.sizes());
+  const checks::Call call("rotary", x_in, "x", c10::DeviceType::CPU);
+  call.rank(x_in, "x", "(batch, seq, heads, head_dim)", 4);
+  TORCH_CHECK(x_in.size(3) % 2 == 0, "rotary: x's head_dim must be even, got ", x_in.size(3));
   const int64_t batch = x_in.size(0), seq = x_in.size(1), heads = x_in.size(2), dim = x_in.size(3), half = dim / 2;
-  TORCH_CHECK(cos_in.sizes() == sin_in.sizes() && cos_in.dim() == 2 && cos_in.size(0) == seq && cos_in.size(1) == half,
-              "rotary: cos and sin must be (seq, head_dim / 2) = (", seq, ", ", half, "), got ", cos_in.sizes(), " and ",
-              sin_in.sizes());
+  call.tensor(x_in, "x", "(batch, seq, heads, head_dim)", x_in.sizes(), checks::DTypes::kFloats);
+  call.tensor(cos_in, "cos", "(seq, head_dim / 2)", {seq, half}, checks::DTypes::kFloats);
+  call.tensor(sin_in, "sin", "(seq, head_dim / 2)", {seq, half}, checks::DTypes::kFloats);
   const at::Tensor x = x_in.contiguous(), cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
   const float sign = inverse ? -1.0f : 1.0f;

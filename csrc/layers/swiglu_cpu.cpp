@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/cpu_convert.h"
 #include "../common/cpu_math.h"
 
@@ -31,14 +32,17 @@ void swiglu_backward_block(const float* __restrict dh, const float* __restrict g
   }
 }
 
-void check_pair(const at::Tensor& g, const at::Tensor& u, const char* op) {
-  TORCH_CHECK(g.sizes() == u.sizes() && g.scalar_type() == u.scalar_type(), op,
-              ": gate and up must have one shape and dtype, got ", g.sizes(), " ", g.scalar_type(), " and ", u.sizes(),
-              " ", u.scalar_type());
+// The gate g and up projection u: one shape and one float dtype (any strides: copied if need be).
+void check_pair(const checks::Call& call, const at::Tensor& g, const at::Tensor& u) {
+  call.tensor(g, "g", "(...)", g.sizes(), checks::DTypes::kFloats);
+  call.tensor(u, "u", "(...) like g", g.sizes(), checks::DTypes::kFloats);
+  TORCH_CHECK(u.scalar_type() == g.scalar_type(), call.op, ": u must have g's dtype ", g.scalar_type(), ", got ",
+              u.scalar_type());
 }
 
 at::Tensor swiglu_fwd_cpu(const at::Tensor& g_in, const at::Tensor& u_in) {
-  check_pair(g_in, u_in, "swiglu_fwd");
+  const checks::Call call("swiglu_fwd", g_in, "g", c10::DeviceType::CPU);
+  check_pair(call, g_in, u_in);
   const at::Tensor g = g_in.contiguous(), u = u_in.contiguous();
   at::Tensor h = at::empty(g.sizes(), g.options());
   const int64_t numel = g.numel();
@@ -62,9 +66,10 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& g_in, const at::Tensor& u_in) {
 
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dh_in, const at::Tensor& g_in,
                                                   const at::Tensor& u_in) {
-  check_pair(g_in, u_in, "swiglu_bwd");
+  const checks::Call call("swiglu_bwd", dh_in, "dh", c10::DeviceType::CPU);
+  check_pair(call, g_in, u_in);
+  call.tensor(dh_in, "dh", "(...) like g", g_in.sizes(), checks::DTypes::kFloats);
   const at::Tensor g = g_in.contiguous(), u = u_in.contiguous(), dh = dh_in.to(g.scalar_type()).contiguous();
-  TORCH_CHECK(dh.sizes() == g.sizes(), "swiglu_bwd: dh must match the gate, got ", dh.sizes(), " and ", g.sizes());
   at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
   const int64_t numel = g.numel();
   dispatch_float_types(g.scalar_type(), "swiglu_bwd", [&](auto t) {

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/cpu_convert.h"
 #include "../common/cpu_math.h"
 
@@ -74,12 +75,13 @@ void rows_loop(T* logits, int64_t row_stride, int64_t rows, int64_t vocab, const
 }
 
 at::Tensor cross_entropy_grad_cpu(at::Tensor logits, const at::Tensor& targets, int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.size(1) > 0,
-              "cross_entropy_grad_: logits must be (rows, vocab) with contiguous rows, got sizes ", logits.sizes(),
-              " strides ", logits.strides());
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0) && targets.scalar_type() == at::kLong,
-              "cross_entropy_grad_: targets must be int64 of shape (", logits.size(0), "), got ", targets.scalar_type(),
-              " ", targets.sizes());
+  // Rows are written in place by different workers: each must be dense, and none may overlap another.
+  const checks::Call call("cross_entropy_grad_", logits, "logits", c10::DeviceType::CPU);
+  call.rank(logits, "logits", "(rows, vocab)", 2);
+  TORCH_CHECK(logits.size(1) > 0, "cross_entropy_grad_: logits must have a vocab of at least 1, got ",
+              checks::sizes_string(logits.sizes()));
+  call.tensor(logits, "logits", "(rows, vocab)", logits.sizes(), checks::DTypes::kFloats, checks::Layout::kRowsContiguous);
+  call.tensor(targets, "targets", "(rows,)", {logits.size(0)}, checks::DTypes::kInt64);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const at::Tensor t = targets.contiguous();
   const int64_t* target = t.data_ptr<int64_t>();

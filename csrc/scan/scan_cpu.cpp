@@ -3,13 +3,16 @@
 //   h_t = exp(dt_t * A) * h_{t-1} + dt_t * u_t * B_t,   y_t = <C_t, h_t> + D * u_t,   out_t = y_t * silu(z_t)
 //   with dt_t = softplus(delta_t + delta_bias) when delta_softplus.
 //
-// Work is split over (batch, channel) tasks (common/cpu_parallel.h); each runs the recurrence over
+// The forward's tasks are (batch, channel) (common/cpu_parallel.h); each runs the recurrence over
 // the whole sequence with the state in a small array that the compiler keeps in vector registers
 // (the state dimension is padded to a multiple of 16 lanes). The forward stores the state only at
 // the start of every `chunk` steps; the backward re-runs the forward inside one chunk at a time
 // (states and decays kept in an L1-sized buffer) and then walks that chunk in reverse, as the CUDA
-// kernel of mamba-ssm recomputes its states rather than storing them. Inputs of any float dtype
-// are read as float32; all accumulation is float32. exp, softplus and sigmoid are the polynomial
+// kernel of mamba-ssm recomputes its states rather than storing them. dB and dC sum over channels,
+// so the backward runs in segments of time, each as tasks of (batch, fixed block of channels) that
+// add their channels in order into the block's own partial, whose sum in block order follows: the
+// order of every sum is fixed, whatever the timing or thread count (cpu_parallel.h). Inputs of any
+// float dtype are read as float32; all accumulation is float32. exp, softplus and sigmoid are the polynomial
 // forms of common/cpu_math.h (no -ffast-math), within a few float32 ulp of libm.
 #include <torch/extension.h>
 
@@ -20,11 +23,16 @@
 
 #include "../common/cpu_math.h"
 #include "../common/cpu_parallel.h"
+#include "scan_checks.h"
 
 namespace longtrain {
 namespace {
 
 constexpr int64_t kLanes = 16;
+// The backward's blocks: at least kMinBlockChannels channels each and at most kMaxBlocks blocks per
+// batch row (the final sum reads each block's partial once: few blocks keep it cheap, enough blocks
+// keep the workers busy), segments of about kSegmentSteps steps (their partials stay in L2).
+constexpr int64_t kMinBlockChannels = 32, kMaxBlocks = 64, kSegmentSteps = 1024;
 
 struct ScanProblem {
   int64_t batch, dim, seq, state, padded, chunk, n_chunks;
@@ -85,12 +93,15 @@ void scan_chunk(const ScanProblem& p, int64_t b, int64_t d, int64_t t0, int64_t 
 }
 
 // Per-worker scratch of one chunk: the recomputed states and decays (chunk x padded) and
-// per-step values (chunk each), and 16-lane partial sums per step awaiting their reduction.
+// per-step values (chunk each), 16-lane partial sums per step awaiting their reduction, and the
+// state at the chunk's start and end (padded; the padding lanes stay zero). Each task writes what it
+// reads: nothing carries from one task to the next.
 struct ChunkBuffers {
-  std::vector<float> states, decays, dts, ys, dys, sum_gB, sum_gA, lanes_B, lanes_A;
+  std::vector<float> states, decays, dts, ys, dys, sum_gB, sum_gA, lanes_B, lanes_A, h, h_start;
   explicit ChunkBuffers(const ScanProblem& p)
       : states(p.chunk * p.padded), decays(p.chunk * p.padded), dts(p.chunk), ys(p.chunk), dys(p.chunk),
-        sum_gB(p.chunk), sum_gA(p.chunk), lanes_B(p.chunk * kLanes), lanes_A(p.chunk * kLanes) {}
+        sum_gB(p.chunk), sum_gA(p.chunk), lanes_B(p.chunk * kLanes), lanes_A(p.chunk * kLanes), h(p.padded),
+        h_start(p.padded) {}
 };
 
 // out = (y + D u) * silu(z), in place over one channel's row.
@@ -119,15 +130,16 @@ void scan_forward_channel(const ScanProblem& p, int64_t b, int64_t d, float* out
 }
 
 struct ScanGrads {
-  const float *dout, *dlast, *checkpoints;
-  float *du, *ddelta, *dz, *dinitial;
-  float *dA, *dD;    // per (batch, channel): (batch, dim, padded), (batch, dim)
-  float *dB, *dC;    // per worker: (workers, batch, seq, padded), summed afterwards
+  const float *dout, *checkpoints;
+  float *du, *ddelta, *dz;
+  float *dA, *dD, *ddelta_bias;  // per (batch, channel): (batch, dim, padded), (batch, dim), (batch, dim)
+  float* g;                      // dL/dh carried back from segment to segment, (batch, dim, padded)
 };
 
 // Reverse pass over one chunk, given its recomputed states, decays and y; `g` is dL/dh_t carried
-// back. The per-step scalar work (gate, skip, softplus derivative) runs in separate loops over
-// the chunk so that it vectorizes too; only the recurrence itself goes step by step.
+// back; dB, dC point at the chunk's first step in a (steps, padded) partial. The per-step scalar
+// work (gate, skip, softplus derivative) runs in separate loops over the chunk so that it
+// vectorizes too; only the recurrence itself goes step by step.
 LT_VECTOR_CLONES
 void reverse_chunk(const ScanProblem& p, const ScanGrads& grads, int64_t b, int64_t d, int64_t t0, int64_t t1,
                    ChunkBuffers& buf, const float* __restrict h_start, float* __restrict g, float* __restrict dA,
@@ -164,8 +176,8 @@ void reverse_chunk(const ScanProblem& p, const ScanGrads& grads, int64_t b, int6
     const float* __restrict decay = buf.decays.data() + s * np;
     const float* __restrict Bt = p.B + (b * p.seq + t0 + s) * np;
     const float* __restrict Ct = p.C + (b * p.seq + t0 + s) * np;
-    float* __restrict dBt = dB + (t0 + s) * np;
-    float* __restrict dCt = dC + (t0 + s) * np;
+    float* __restrict dBt = dB + s * np;
+    float* __restrict dCt = dC + s * np;
     const float dt = dts[s], dy = dys[s], dtu = dt * u[s];
     float gB[kLanes] = {0}, gA[kLanes] = {0};
     for (int64_t n0 = 0; n0 < np; n0 += kLanes) {
@@ -197,25 +209,68 @@ void reverse_chunk(const ScanProblem& p, const ScanGrads& grads, int64_t b, int6
     const float bias = p.delta_bias ? p.delta_bias[d] : 0.0f;
     for (int64_t s = 0; s < len; ++s) ddelta[s] *= sigmoid_approx(delta[s] + bias);
   }
+  if (p.delta_bias) {
+    float sum = 0.0f;
+    for (int64_t s = 0; s < len; ++s) sum += ddelta[s];
+    grads.ddelta_bias[bd] += sum;
+  }
 }
 
-void scan_backward_channel(const ScanProblem& p, const ScanGrads& gr, int64_t b, int64_t d, int64_t worker,
-                           ChunkBuffers& buf) {
+// Chunks [c0, c1) of one channel, last first, adding into its block's partials dB, dC (steps from
+// c0 * chunk on, padded).
+void scan_backward_segment(const ScanProblem& p, const ScanGrads& gr, int64_t b, int64_t d, int64_t c0, int64_t c1,
+                           ChunkBuffers& buf, float* dB, float* dC) {
   const int64_t np = p.padded, bd = b * p.dim + d;
-  std::vector<float> g(np, 0.0f), h(np, 0.0f), h_start(np, 0.0f);
-  if (gr.dlast) std::copy(gr.dlast + bd * p.state, gr.dlast + (bd + 1) * p.state, g.begin());
-  float* dB = gr.dB + (worker * p.batch + b) * p.seq * np;
-  float* dC = gr.dC + (worker * p.batch + b) * p.seq * np;
-  for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
-    const int64_t t0 = c * p.chunk, t1 = std::min(p.seq, t0 + p.chunk);
+  float *h = buf.h.data(), *h_start = buf.h_start.data();
+  for (int64_t c = c1 - 1; c >= c0; --c) {
+    const int64_t t0 = c * p.chunk, t1 = std::min(p.seq, t0 + p.chunk), offset = (t0 - c0 * p.chunk) * np;
     const float* start = gr.checkpoints + (bd * p.n_chunks + c) * p.state;
-    std::copy(start, start + p.state, h_start.begin());
-    std::copy(h_start.begin(), h_start.end(), h.begin());
-    scan_chunk(p, b, d, t0, t1, h.data(), buf.ys.data(), buf.states.data(), buf.decays.data(), buf.dts.data(),
+    std::copy(start, start + p.state, h_start);
+    std::copy(h_start, h_start + np, h);
+    scan_chunk(p, b, d, t0, t1, h, buf.ys.data(), buf.states.data(), buf.decays.data(), buf.dts.data(),
                buf.lanes_B.data(), true);
-    reverse_chunk(p, gr, b, d, t0, t1, buf, h_start.data(), g.data(), gr.dA + bd * np, dB, dC);
+    reverse_chunk(p, gr, b, d, t0, t1, buf, h_start, gr.g + bd * np, gr.dA + bd * np, dB + offset, dC + offset);
   }
-  std::copy(g.begin(), g.begin() + p.state, gr.dinitial + bd * p.state);
+}
+
+// x (batch, ...) contiguous, summed over the batch in index order.
+at::Tensor sum_batch(const at::Tensor& x) {
+  at::Tensor out = at::empty(x.sizes().slice(1), x.options());
+  sum_in_order(x.data_ptr<float>(), x.size(0), out.numel(), out.numel(), out.data_ptr<float>());
+  return out;
+}
+
+// dB and dC (batch, seq, padded), summed over channels. Tasks are (batch, block of channels), each
+// adding its channels in order into its block's partial; the partials are then summed in block order.
+// Time runs in segments, last first (g carries dL/dh between them), so that partials hold a segment.
+void backward_in_blocks(const ScanProblem& p, const ScanGrads& gr, float* dB, float* dC) {
+  const int64_t np = p.padded;
+  const int64_t block = std::max(kMinBlockChannels, (p.dim + kMaxBlocks - 1) / kMaxBlocks);
+  const int64_t blocks = std::max<int64_t>(1, (p.dim + block - 1) / block), tasks = p.batch * blocks;
+  const int64_t segment_chunks = std::max<int64_t>(1, kSegmentSteps / p.chunk);
+  const int64_t segment = std::min(p.seq, segment_chunks * p.chunk);  // steps of a partial
+  const AlignedFloats parts_B = aligned_floats(tasks * segment * np), parts_C = aligned_floats(tasks * segment * np);
+  std::vector<ChunkBuffers> buffers(task_workers(tasks), ChunkBuffers(p));
+  for (int64_t c1 = p.n_chunks; c1 > 0; c1 -= segment_chunks) {
+    const int64_t c0 = std::max<int64_t>(0, c1 - segment_chunks), t0 = c0 * p.chunk;
+    const int64_t steps = std::min(p.seq, c1 * p.chunk) - t0;
+    parallel_tasks(tasks, [&](int64_t task, int64_t worker) {
+      const int64_t b = task / blocks, d0 = task % blocks * block, d1 = std::min(p.dim, d0 + block);
+      float *part_B = parts_B.get() + task * segment * np, *part_C = parts_C.get() + task * segment * np;
+      std::fill(part_B, part_B + steps * np, 0.0f);
+      std::fill(part_C, part_C + steps * np, 0.0f);
+      for (int64_t d = d0; d < d1; ++d) scan_backward_segment(p, gr, b, d, c0, c1, buffers[worker], part_B, part_C);
+    });
+    at::parallel_for(0, p.batch * steps, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end;) {  // the rows of one batch row at a time
+        const int64_t b = row / steps, t = row % steps, rows = std::min(end - row, steps - t);
+        const int64_t first = b * blocks * segment * np + t * np, out = (b * p.seq + t0 + t) * np;
+        sum_in_order(parts_B.get() + first, blocks, segment * np, rows * np, dB + out);
+        sum_in_order(parts_C.get() + first, blocks, segment * np, rows * np, dC + out);
+        row += rows;
+      }
+    });
+  }
 }
 
 at::Tensor as_float(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
@@ -229,35 +284,31 @@ at::Tensor pad_transpose(const at::Tensor& x, int64_t padded) {
 
 struct Prepared {
   ScanProblem p;
-  at::Tensor u, delta, A, B, C, D, z, delta_bias, initial;
+  at::Tensor u, delta, A, B, C, D, z, delta_bias;
+  bool has_D, has_z, has_delta_bias;  // not the pointers: an empty tensor's may be null (seq 0)
 };
 
-Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                 const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                 const std::optional<at::Tensor>& delta_bias, bool softplus,
-                 const std::optional<at::Tensor>& initial, int64_t chunk) {
-  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "selective_scan: u, delta must be (batch, dim, seq)");
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1), "selective_scan: A must be (dim, state)");
-  TORCH_CHECK(B.dim() == 3 && C.dim() == 3 && B.size(0) == u.size(0) && B.size(1) == A.size(1) &&
-                  B.size(2) == u.size(2) && C.sizes() == B.sizes(),
-              "selective_scan: B, C must be (batch, state, seq)");
-  TORCH_CHECK(chunk > 0, "selective_scan: chunk must be positive");
+// Float32 copies in the kernel's layout of inputs already checked (check_scan_inputs).
+Prepared prepare(const ScanShape& s, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                 const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias, bool softplus,
+                 int64_t chunk) {
   Prepared r;
-  const int64_t state = A.size(1), padded = (state + kLanes - 1) / kLanes * kLanes;
+  const int64_t padded = (s.state + kLanes - 1) / kLanes * kLanes;
   r.u = as_float(u);
   r.delta = as_float(delta);
-  r.A = at::constant_pad_nd(A.to(at::kFloat), {0, padded - state}).contiguous();
+  r.A = at::constant_pad_nd(A.to(at::kFloat), {0, padded - s.state}).contiguous();
   r.B = pad_transpose(B, padded);
   r.C = pad_transpose(C, padded);
-  if (D && D->defined()) r.D = as_float(*D);
-  if (z && z->defined()) r.z = as_float(*z);
-  if (delta_bias && delta_bias->defined()) r.delta_bias = as_float(*delta_bias);
-  if (initial && initial->defined()) r.initial = as_float(*initial);
-  const int64_t seq = u.size(2);
-  r.p = ScanProblem{u.size(0), u.size(1), seq, state, padded, chunk, std::max<int64_t>(1, (seq + chunk - 1) / chunk),
-                    r.u.data_ptr<float>(), r.delta.data_ptr<float>(), r.A.data_ptr<float>(), r.B.data_ptr<float>(),
-                    r.C.data_ptr<float>(), opt_ptr(r.D), opt_ptr(r.z), opt_ptr(r.delta_bias), opt_ptr(r.initial),
-                    softplus};
+  r.has_D = checks::Call::present(D);
+  r.has_z = checks::Call::present(z);
+  r.has_delta_bias = checks::Call::present(delta_bias);
+  if (r.has_D) r.D = as_float(*D);
+  if (r.has_z) r.z = as_float(*z);
+  if (r.has_delta_bias) r.delta_bias = as_float(*delta_bias);
+  r.p = ScanProblem{s.batch, s.dim, s.seq, s.state, padded, chunk, s.n_chunks, r.u.data_ptr<float>(),
+                    r.delta.data_ptr<float>(), r.A.data_ptr<float>(), r.B.data_ptr<float>(), r.C.data_ptr<float>(),
+                    opt_ptr(r.D), opt_ptr(r.z), opt_ptr(r.delta_bias), nullptr, softplus};
   return r;
 }
 
@@ -265,7 +316,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
     bool delta_softplus, const std::optional<at::Tensor>& initial_state, int64_t chunk) {
-  Prepared r = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk);
+  const checks::Call call("selective_scan_fwd", u, "u", c10::DeviceType::CPU);
+  const ScanShape shape = check_scan_inputs(call, u, delta, A, B, C, D, z, delta_bias, chunk);
+  check_scan_initial_state(call, shape, initial_state);
+  Prepared r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk);
+  at::Tensor initial;
+  if (checks::Call::present(initial_state)) initial = as_float(*initial_state);
+  r.p.initial = opt_ptr(initial);
   const ScanProblem& p = r.p;
   auto opts = u.options().dtype(at::kFloat);
   at::Tensor out = at::empty({p.batch, p.dim, p.seq}, opts);
@@ -285,33 +342,30 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                        const at::Tensor& checkpoints, int64_t chunk) {
-  Prepared r = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, std::nullopt, chunk);
+  const checks::Call call("selective_scan_bwd", dout, "dout", c10::DeviceType::CPU);
+  const ScanShape shape = check_scan_inputs(call, u, delta, A, B, C, D, z, delta_bias, chunk);
+  check_scan_grads(call, shape, dout, dlast_state, checkpoints);
+  Prepared r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk);
   const ScanProblem& p = r.p;
-  TORCH_CHECK(checkpoints.sizes() == at::IntArrayRef({p.batch, p.dim, p.n_chunks, p.state}),
-              "selective_scan_bwd: checkpoints do not match the inputs and chunk");
+  const int64_t np = p.padded;
   auto opts = u.options().dtype(at::kFloat);
-  at::Tensor dout_f = as_float(dout), cps = as_float(checkpoints), dlast;
-  if (dlast_state && dlast_state->defined()) dlast = as_float(*dlast_state);
-  // One task per (batch, channel); dB and dC are summed over channels into one buffer per worker
-  // (so without atomics), and the buffers are added up at the end.
-  const int64_t workers = task_workers(p.batch * p.dim);
+  at::Tensor dout_f = as_float(dout), cps = as_float(checkpoints);
+  at::Tensor g = at::zeros({p.batch, p.dim, np}, opts);  // dL/dh, from dlast_state at the end of the sequence
+  if (checks::Call::present(dlast_state)) g.narrow(2, 0, p.state).copy_(*dlast_state);
   at::Tensor du = at::empty({p.batch, p.dim, p.seq}, opts), ddelta = at::empty_like(du);
-  at::Tensor dz = p.z ? at::empty_like(du) : at::empty({0}, opts);
-  at::Tensor dinitial = at::empty({p.batch, p.dim, p.state}, opts);
-  at::Tensor dA = at::zeros({p.batch, p.dim, p.padded}, opts), dD = at::zeros({p.batch, p.dim}, opts);
-  at::Tensor dB = at::zeros({workers, p.batch, p.seq, p.padded}, opts), dC = at::zeros_like(dB);
-  ScanGrads gr{dout_f.data_ptr<float>(), opt_ptr(dlast), cps.data_ptr<float>(), du.data_ptr<float>(),
-               ddelta.data_ptr<float>(), p.z ? dz.data_ptr<float>() : nullptr, dinitial.data_ptr<float>(),
-               dA.data_ptr<float>(), dD.data_ptr<float>(), dB.data_ptr<float>(), dC.data_ptr<float>()};
-  std::vector<ChunkBuffers> buffers(workers, ChunkBuffers(p));
-  parallel_tasks(p.batch * p.dim, [&](int64_t task, int64_t worker) {
-    scan_backward_channel(p, gr, task / p.dim, task % p.dim, worker, buffers[worker]);
-  });
-  auto unpad = [&](const at::Tensor& x) { return x.sum(0).narrow(2, 0, p.state).transpose(1, 2).contiguous(); };
-  at::Tensor ddelta_bias = p.delta_bias ? ddelta.sum({0, 2}) : at::empty({0}, opts);
-  at::Tensor dD_out = p.D ? dD.sum(0) : at::empty({0}, opts);
-  return {du, ddelta, dA.sum(0).narrow(1, 0, p.state).contiguous(), unpad(dB), unpad(dC), dD_out, dz, ddelta_bias,
-          dinitial};
+  at::Tensor dz = r.has_z ? at::empty_like(du) : at::empty({0}, opts);
+  at::Tensor dA = at::zeros({p.batch, p.dim, np}, opts), dD = at::zeros({p.batch, p.dim}, opts);
+  at::Tensor ddelta_bias = at::zeros({p.batch, p.dim}, opts);
+  ScanGrads gr{dout_f.data_ptr<float>(), cps.data_ptr<float>(), du.data_ptr<float>(), ddelta.data_ptr<float>(),
+               r.has_z ? dz.data_ptr<float>() : nullptr, dA.data_ptr<float>(), dD.data_ptr<float>(),
+               ddelta_bias.data_ptr<float>(), g.data_ptr<float>()};
+  at::Tensor dB = at::empty({p.batch, p.seq, np}, opts), dC = at::empty_like(dB);
+  backward_in_blocks(p, gr, dB.data_ptr<float>(), dC.data_ptr<float>());
+  auto unpad = [&](const at::Tensor& x) { return x.narrow(2, 0, p.state).transpose(1, 2).contiguous(); };
+  at::Tensor dinitial = g.narrow(2, 0, p.state).contiguous();
+  return {du, ddelta, sum_batch(dA).narrow(1, 0, p.state).contiguous(), unpad(dB), unpad(dC),
+          r.has_D ? sum_batch(dD) : at::empty({0}, opts), dz,
+          r.has_delta_bias ? sum_batch(ddelta_bias) : at::empty({0}, opts), dinitial};
 }
 
 }  // namespace

@@ -1,10 +1,12 @@
 // Torch binding of the CUDA selective scan (scan_cuda.cu); compiled only when the extension is
-// built with CUDA. Tensors are checked and made contiguous here; the kernels see raw pointers.
+// built with CUDA. Tensors are checked (scan_checks.h, the same checks as the CPU kernel's) and made
+// contiguous here; the kernels see raw pointers.
 #ifdef LONGTRAIN_WITH_CUDA
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "scan_checks.h"
 #include "scan_cuda.h"
 
 namespace longtrain {
@@ -24,23 +26,24 @@ struct Inputs {
   cuda::ScanParams params;
 };
 
-Inputs prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-               const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-               const std::optional<at::Tensor>& delta_bias, bool softplus,
+// Contiguous copies of inputs already checked (check_scan_inputs), in the kernel's dtypes.
+Inputs prepare(const ScanShape& s, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+               const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
+               const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias, bool softplus,
                const std::optional<at::Tensor>& initial, int64_t chunk) {
   TORCH_CHECK(chunk == cuda::kScanChunk, "selective_scan (CUDA): chunk must be ", cuda::kScanChunk);
-  TORCH_CHECK(A.size(1) <= cuda::kScanMaxState, "selective_scan (CUDA): state must be <= ", cuda::kScanMaxState);
+  TORCH_CHECK(s.state <= cuda::kScanMaxState, "selective_scan (CUDA): state must be <= ", cuda::kScanMaxState);
   Inputs r;
   const auto type = u.scalar_type();
   r.u = u.contiguous();
   r.delta = delta.to(type).contiguous();
   r.B = B.to(type).contiguous();
   r.C = C.to(type).contiguous();
-  if (z && z->defined()) r.z = z->to(type).contiguous();
+  if (checks::Call::present(z)) r.z = z->to(type).contiguous();
   r.A = A.to(at::kFloat).contiguous();
-  if (D && D->defined()) r.D = D->to(at::kFloat).contiguous();
-  if (delta_bias && delta_bias->defined()) r.delta_bias = delta_bias->to(at::kFloat).contiguous();
-  if (initial && initial->defined()) r.initial = initial->to(at::kFloat).contiguous();
+  if (checks::Call::present(D)) r.D = D->to(at::kFloat).contiguous();
+  if (checks::Call::present(delta_bias)) r.delta_bias = delta_bias->to(at::kFloat).contiguous();
+  if (checks::Call::present(initial)) r.initial = initial->to(at::kFloat).contiguous();
   const int seq = static_cast<int>(u.size(2));
   auto ptr = [](const at::Tensor& x) -> const float* { return x.defined() ? x.data_ptr<float>() : nullptr; };
   r.params = cuda::ScanParams{static_cast<int>(u.size(0)), static_cast<int>(u.size(1)), seq,
@@ -55,8 +58,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cuda(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
     bool delta_softplus, const std::optional<at::Tensor>& initial_state, int64_t chunk) {
+  const checks::Call call("selective_scan_fwd", u, "u", c10::DeviceType::CUDA);
+  const ScanShape shape = check_scan_inputs(call, u, delta, A, B, C, D, z, delta_bias, chunk);
+  check_scan_initial_state(call, shape, initial_state);
   const c10::cuda::CUDAGuard guard(u.device());
-  Inputs r = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk);
+  Inputs r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk);
   auto& p = r.params;
   auto f32 = u.options().dtype(at::kFloat);
   at::Tensor out = at::empty_like(r.u), last = at::empty({p.batch, p.dim, p.state}, f32);
@@ -75,13 +81,16 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>&
                         const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                         const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                         const at::Tensor& checkpoints, int64_t chunk) {
+  const checks::Call call("selective_scan_bwd", dout, "dout", c10::DeviceType::CUDA);
+  const ScanShape shape = check_scan_inputs(call, u, delta, A, B, C, D, z, delta_bias, chunk);
+  check_scan_grads(call, shape, dout, dlast_state, checkpoints);
   const c10::cuda::CUDAGuard guard(u.device());
-  Inputs r = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, std::nullopt, chunk);
+  Inputs r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, std::nullopt, chunk);
   auto& p = r.params;
   at::Tensor cps = checkpoints.to(at::kFloat).contiguous();
   p.checkpoints = cps.data_ptr<float>();
   at::Tensor dout_c = dout.to(u.scalar_type()).contiguous(), dlast;
-  if (dlast_state && dlast_state->defined()) dlast = dlast_state->to(at::kFloat).contiguous();
+  if (checks::Call::present(dlast_state)) dlast = dlast_state->to(at::kFloat).contiguous();
   auto f32 = u.options().dtype(at::kFloat);
   at::Tensor du = at::empty({p.batch, p.dim, p.seq}, f32), ddelta = at::empty_like(du);
   at::Tensor dz = r.z.defined() ? at::empty_like(du) : at::empty({0}, f32);
