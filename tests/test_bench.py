@@ -95,7 +95,7 @@ def test_ratio_lines(capsys):
 
 
 def test_layer_kernel_table_runs_both_backends(capsys):
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernel_speed.py")
     kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernels)
     kernels.layer_kernels(bandwidth=1e10, repeats=1, tokens=64, d_model=32, hidden=48, heads=2, vocab_chunk=(16, 50))

@@ -1,6 +1,6 @@
 """Kernel benchmark: our csrc scan and attention side by side with what a CPU user has today.
 
-    python bench/kernels.py [--mamba-src DIR] [--threads N] [--quick]
+    python bench/kernel_speed.py [--mamba-src DIR] [--threads N] [--quick]
 
 Prints one table per op: forward + backward time and peak extra memory of ours and of each peer,
 the ratio peer / ours, and ours against the machine's measured limits (memory bandwidth for the
