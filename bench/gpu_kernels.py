@@ -39,7 +39,9 @@ def attention_rows(device, dtype, seq_lens, repeats):
     from longtrain.kernels import attention as attention_module
 
     heads, dim = 16, 128
-    backends = ["csrc", "torch"] + (["flash_attn"] if _importable("flash_attn") and device.type == "cuda" else [])
+    # flash_attn: its lse-returning _flash_attn_forward / _flash_attn_backward, as ring attention runs them
+    usable = attention_module._flash_attn_supports(device=device, dtype=dtype, head_dim=dim) is None
+    backends = ["csrc", "torch"] + (["flash_attn"] if usable else [])
     for seq in seq_lens:
         q, k, v = (torch.randn(1, seq, heads, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         flops = 4 * seq * seq * heads * dim / 2 * 3.5  # causal: half the scores; fwd + bwd = 3.5x the forward

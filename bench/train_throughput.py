@@ -103,7 +103,8 @@ def child(spec: dict) -> dict:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
     seq_len = spec["seq_len"]
     cfg = model_config(args, pattern)
-    from longtrain.trainer.metrics import flops_per_token
+    from longtrain.trainer.metrics import evaluations, flops_per_token
+    from longtrain.trainer.model.ode import ode_stats
     from longtrain.trainer.model.decoder import Decoder, count_parameters
     reference = Decoder(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (args.steps + 1, 1, seq_len + 1), generator=torch.Generator().manual_seed(1))
@@ -143,10 +144,10 @@ def child(spec: dict) -> dict:
         times.append(time.perf_counter() - start)
         cpu_times.append((time.process_time() - cpu_start) / args.threads)
     if framework == "longtrain":
-        flops = flops_per_token(model, seq_len)  # O blocks: counts the last solve's evaluations
+        flops = flops_per_token(cfg, seq_len, evaluations(ode_stats(model)))  # O blocks: the last solve's evaluations
     else:
         reference(tokens[0][:, :8])
-        flops = flops_per_token(reference, seq_len)
+        flops = flops_per_token(cfg, seq_len, evaluations(ode_stats(reference)))
     return {"model": spec["model"], "precision": spec["precision"], "seq_len": seq_len,
             "parameters": count_parameters(model), "flops_per_token": flops,
             "cpu_seconds": cpu_times[1:], "wall_seconds": times[1:],

@@ -7,14 +7,16 @@
 TORCH_LIBRARY(longtrain, m) {
   // Selective scan (Mamba). `checkpoints` holds the state at the start of every `chunk` steps,
   // (batch, dim, n_chunks, state) float32, so the backward recomputes states chunk by chunk.
+  // `reset` (batch, seq) bool: True where a document starts (the state is zeroed before that step).
   m.def(
       "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, int chunk) "
+      "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, int chunk, Tensor? reset=None) "
       "-> (Tensor out, Tensor last_state, Tensor checkpoints)");
   // Gradients are float32; the ones of absent optional inputs are empty tensors.
   m.def(
       "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, "
-      "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor checkpoints, int chunk) "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor checkpoints, int chunk, "
+      "Tensor? reset=None) "
       "-> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, "
       "Tensor dinitial_state)");
   // Attention in flash-attn's layout: q (batch, seq_q, heads, dim), k/v (batch, seq_k, kv_heads, dim);

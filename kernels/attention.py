@@ -98,26 +98,105 @@ def _csrc_supports(device, dtype, head_dim=None, **facts):
     return reason
 
 
-def _flash_attn(q, k, v, causal=False, softmax_scale=None):
-    from flash_attn import flash_attn_func
+# Where the flash_attn backend may run. flash-attn itself needs CUDA and a 16-bit dtype; tests widen these
+# (CPU, float64) to run a stand-in flash_attn module built on the reference. Nothing else changes them.
+FLASH_ATTN_DEVICES = ("cuda",)
+FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
 
-    out, lse, _ = flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal, return_attn_probs=True)
+# flash-attn series whose lse-returning functions flash_attn.flash_attn_interface._flash_attn_forward /
+# _flash_attn_backward are called here, read from that file at tags v2.6.0-v2.6.3, v2.7.0-v2.7.4, v2.8.0-v2.8.3.
+# 2.6: plain functions taking window_size=(left, right); the forward returns (out, q, k, v, out_padded,
+# softmax_lse, S_dmask, rng_state), the backward fills dq, dk, dv and returns (dq, dk, dv, softmax_d).
+# 2.7, 2.8: torch.library custom ops taking window_size_left, window_size_right; the forward returns
+# (out, softmax_lse, S_dmask, rng_state), the backward fills dq, dk, dv and returns softmax_d.
+# Value: True where the window is passed as two ints.
+FLASH_ATTN_SPLIT_WINDOW = {"2.6": False, "2.7": True, "2.8": True}
+
+
+def _flash_attn_api():
+    """(flash_attn.flash_attn_interface, window as two ints) for a supported flash-attn; ImportError otherwise."""
+    import flash_attn
+    from flash_attn import flash_attn_interface
+
+    version = str(getattr(flash_attn, "__version__", "unknown"))
+    series = ".".join(version.split(".")[:2])
+    if series not in FLASH_ATTN_SPLIT_WINDOW:
+        raise ImportError(f"flash_attn {version} is installed; longtrain calls its _flash_attn_forward/_backward as "
+                          f"in {', '.join(FLASH_ATTN_SPLIT_WINDOW)} (pip install 'flash-attn>=2.6,<2.9')")
+    return flash_attn_interface, FLASH_ATTN_SPLIT_WINDOW[series]
+
+
+def _last_dim_contiguous(x):
+    """flash-attn's kernels need unit stride along head_dim only (a gradient of a sum is an expanded tensor)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def flash_attn_forward(q, k, v, causal: bool, softmax_scale: float | None):
+    """flash-attn's forward without autograd: out (batch, seq_q, heads, head_dim) in q's dtype and
+    lse (batch, heads, seq_q) float32. Inputs as `attention` (16-bit, on CUDA)."""
+    api, split_window = _flash_attn_api()
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if split_window:
+        out, lse, _, _ = api._flash_attn_forward(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)
+    else:
+        out, _, _, _, _, lse, _, _ = api._flash_attn_forward(q, k, v, 0.0, scale, causal, (-1, -1), 0.0, None, False)
     return out, lse
 
 
-def _flash_attn_supports(device, dtype, head_dim=None, need_lse=False, **_):
-    if device.type != "cuda":
+def flash_attn_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: float | None):
+    """flash-attn's backward: (dq, dk, dv) shaped and typed like q, k, v, for the attention whose output is
+    `out` (q's dtype) with row normalisers `lse` ((batch, heads, seq_q) float32). The kernel rebuilds the
+    probabilities as exp(scale * q.k - lse) and the row term as rowsum(dout * out), so `out` and `lse` may be
+    those of a softmax over more keys than k holds (ring attention passes the merged ones)."""
+    api, split_window = _flash_attn_api()
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    deterministic = torch.are_deterministic_algorithms_enabled()  # flash-attn then sums dq without atomics
+    window = (-1, -1) if split_window else ((-1, -1),)
+    api._flash_attn_backward(dout, q, k, v, out, lse.contiguous(), dq, dk, dv, 0.0, scale, causal, *window, 0.0,
+                             None, deterministic, None)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    """flash-attn through its lse-returning functions. The lse carries no gradient: ring attention, its one
+    consumer, differentiates each block from the merged out and lse instead (trainer/parallel/context.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        ctx.set_materialize_grads(False)
+        out, lse = flash_attn_forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        if dlse is not None:
+            raise RuntimeError("attention backend 'flash_attn' passes no gradient through the log-sum-exp; "
+                               "use backend='csrc' or 'reference' to differentiate the lse")
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = flash_attn_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _flash_attn(q, k, v, causal=False, softmax_scale=None):
+    return _FlashAttention.apply(q, k, v, causal, softmax_scale)
+
+
+def _flash_attn_supports(device, dtype, head_dim=None, **_):
+    if device.type not in FLASH_ATTN_DEVICES:
         return "flash_attn runs on CUDA only"
-    if dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in FLASH_ATTN_DTYPES:
         return f"flash_attn needs float16 or bfloat16, got {dtype}"
-    if head_dim is not None and head_dim > 256:
-        return f"flash_attn supports head_dim <= 256, got {head_dim}"
-    if need_lse:
-        return "flash_attn passes no gradient through the log-sum-exp"
+    if head_dim is not None and (head_dim > 256 or head_dim % 8):
+        return f"flash_attn here takes head_dim a multiple of 8 up to 256, got {head_dim}"
     try:
-        import flash_attn  # noqa: F401
+        _flash_attn_api()
     except ImportError as error:
-        return f"flash_attn not installed ({error})"
+        return f"flash_attn not usable ({error})"
     return None
 
 

@@ -32,7 +32,8 @@ BATCH, DIM, SEQ, STATE, CHUNK = 2, 3, 5, 4, 2
 def _scan_fwd():
     return dict(u=_randn(BATCH, DIM, SEQ), delta=_randn(BATCH, DIM, SEQ), A=-torch.rand(DIM, STATE),
                 B=_randn(BATCH, STATE, SEQ), C=_randn(BATCH, STATE, SEQ), D=_randn(DIM), z=_randn(BATCH, DIM, SEQ),
-                delta_bias=_randn(DIM), delta_softplus=True, initial_state=_randn(BATCH, DIM, STATE), chunk=CHUNK)
+                delta_bias=_randn(DIM), delta_softplus=True, initial_state=_randn(BATCH, DIM, STATE), chunk=CHUNK,
+                reset=torch.tensor([[False, False, True, False, True], [True, False, False, False, False]]))
 
 
 def _scan_bwd():
@@ -40,7 +41,7 @@ def _scan_bwd():
     _, _, checkpoints = torch.ops.longtrain.selective_scan_fwd(*f.values())
     return dict(dout=_randn(BATCH, DIM, SEQ), dlast_state=_randn(BATCH, DIM, STATE), u=f["u"], delta=f["delta"],
                 A=f["A"], B=f["B"], C=f["C"], D=f["D"], z=f["z"], delta_bias=f["delta_bias"], delta_softplus=True,
-                checkpoints=checkpoints, chunk=CHUNK)
+                checkpoints=checkpoints, chunk=CHUNK, reset=f["reset"])
 
 
 def _attention_fwd():

@@ -37,7 +37,7 @@ def _backward(outputs, cotangents, leaves):
     return [*outputs, *(leaf.grad for leaf in leaves)]
 
 
-def _scan():
+def _scan(reset=None):
     # 70 channels: three blocks of the backward (32, 32, 6); 1300 steps: two segments of it.
     g = torch.Generator().manual_seed(0)
     batch, dim, state, seq = 2, 70, 16, 1300
@@ -50,7 +50,7 @@ def _scan():
         leaves = [x.clone().requires_grad_() for x in inputs]
         u, delta, A, B, C, D, z, delta_bias, initial = leaves
         out = scan.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True,
-                                  return_last_state=True, initial_state=initial, backend="csrc")
+                                  return_last_state=True, initial_state=initial, backend="csrc", reset=reset)
         return _backward(list(out), cotangents, leaves)
     return run
 
@@ -116,6 +116,7 @@ def _rotary(dtype):
 # of bfloat16 attention (unset: bfloat16 products where the CPU has AVX512-BF16, float32 elsewhere).
 KERNELS = {
     "scan": ({}, _scan),
+    "scan-document-resets": ({}, lambda: _scan(torch.arange(1300).remainder(torch.tensor([[300], [128]])) == 0)),
     "attention-float32": ({}, lambda: _attention(torch.float32)),
     "attention-bfloat16": ({}, lambda: _attention(torch.bfloat16)),
     "attention-bfloat16-float32-products": ({"LONGTRAIN_CPU_BF16_GEMM": "0"}, lambda: _attention(torch.bfloat16)),

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from longtrain.trainer.errors import LongtrainError
@@ -51,6 +52,75 @@ class OdeConfig(Section):
     sublayer: Literal["mlp", "attention_mlp"] = "mlp"
 
 
+ROPE_TYPE_FIELDS = {  # what each model.rope_scaling.type reads besides `type` and `factor`
+    "linear": (),
+    "ntk": (),
+    "dynamic": ("original_max_position",),
+    "yarn": ("original_max_position", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+             "truncate"),
+    "llama3": ("original_max_position", "low_freq_factor", "high_freq_factor"),
+}
+ROPE_TYPE_REQUIRED = {"dynamic": ("original_max_position",), "yarn": ("original_max_position",),
+                      "llama3": ("original_max_position", "low_freq_factor", "high_freq_factor")}
+
+
+class RopeScalingConfig(Section):
+    """model.rope_scaling: RoPE length extension (trainer/model/rope.py holds the math). The fields and their
+    meaning are transformers' `rope_parameters` (`original_max_position` is its
+    `original_max_position_embeddings`); a field the type does not read is refused, unset ones are None."""
+    type: Literal["linear", "ntk", "dynamic", "yarn", "llama3"]
+    factor: float = Field(ge=1.0, description="context extension ratio: new length / original_max_position")
+    original_max_position: Int | None = Field(None, gt=0, description="the context length the model was trained "
+                                              "at (dynamic, yarn, llama3)")
+    beta_fast: float | None = Field(None, gt=0, description="yarn: pairs turning more often than this over the "
+                                    "original context keep their frequency (default 32)")
+    beta_slow: float | None = Field(None, gt=0, description="yarn: pairs turning less often than this are "
+                                    "interpolated by factor (default 1)")
+    mscale: float | None = Field(None, gt=0, description="yarn, with mscale_all_dim: attention factor "
+                                 "(0.1 mscale ln f + 1) / (0.1 mscale_all_dim ln f + 1) (DeepSeek-V2)")
+    mscale_all_dim: float | None = Field(None, gt=0, description="yarn: see mscale")
+    attention_factor: float | None = Field(None, gt=0, description="yarn: the factor on cos and sin; default "
+                                           "0.1 ln(factor) + 1")
+    truncate: bool | None = Field(None, description="yarn: round the ramp's ends to whole pairs (default true)")
+    low_freq_factor: float | None = Field(None, gt=0, description="llama3: wavelengths above "
+                                          "original_max_position / low_freq_factor are divided by factor")
+    high_freq_factor: float | None = Field(None, gt=0, description="llama3: wavelengths below "
+                                           "original_max_position / high_freq_factor are kept")
+
+    @model_validator(mode="after")
+    def _fields_of_the_type(self):
+        own = ROPE_TYPE_FIELDS[self.type]
+        for name in (n for n in RopeScalingConfig.model_fields if n not in ("type", "factor") and n not in own):
+            if getattr(self, name) is not None:
+                fields = ", ".join(("factor",) + own)
+                raise ValueError(f"model.rope_scaling.{name} does not apply to type={self.type} (its fields: {fields})")
+        for name in ROPE_TYPE_REQUIRED.get(self.type, ()):
+            if getattr(self, name) is None:
+                raise ValueError(f"model.rope_scaling.{name} is required for type={self.type}"
+                                 + (": the context length the model was trained at"
+                                    if name == "original_max_position" else ""))
+        if self.type == "yarn":
+            fast = 32.0 if self.beta_fast is None else self.beta_fast
+            slow = 1.0 if self.beta_slow is None else self.beta_slow
+            if fast < slow:
+                raise ValueError(f"model.rope_scaling.beta_fast={fast:g} is below model.rope_scaling.beta_slow="
+                                 f"{slow:g}; beta_fast counts the faster turns (defaults 32 and 1)")
+            if (self.mscale is None) != (self.mscale_all_dim is None):
+                raise ValueError("model.rope_scaling.mscale and model.rope_scaling.mscale_all_dim go together "
+                                 "(the attention factor is their temperatures' ratio): give both or neither")
+            if self.attention_factor is not None and self.mscale is not None:
+                raise ValueError("model.rope_scaling.attention_factor and model.rope_scaling.mscale both set the "
+                                 "attention factor: give one of them")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"model.rope_scaling.high_freq_factor={self.high_freq_factor:g} must be above "
+                             f"model.rope_scaling.low_freq_factor={self.low_freq_factor:g} (Llama 3.1: 4 and 1)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class ModelConfig(Section):
     pattern: str = "AMOF"
     d_model: Int = Field(128, gt=0)
@@ -63,11 +133,32 @@ class ModelConfig(Section):
     d_conv: Int = Field(4, gt=0)
     expand: Int = Field(2, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
-    rope_scaling: float = Field(1.0, ge=1.0, description="linear position interpolation factor for length extension")
+    rope_scaling: RopeScalingConfig = Field(RopeScalingConfig(type="linear", factor=1.0),
+                                            description="RoPE length extension: {type: linear|ntk|dynamic|yarn|"
+                                            "llama3, factor: F, ...}; a bare number F means {type: linear, factor: F}")
     tie_embeddings: bool = True
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
     ode: OdeConfig = OdeConfig()
+
+    @field_validator("rope_scaling", mode="before")
+    @classmethod
+    def _bare_rope_factor(cls, value):
+        """A bare number is the linear interpolation factor, the form recipes had before the types."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not value >= 1:  # also NaN
+                raise ValueError(f"model.rope_scaling={value!r}: a bare number is the linear interpolation factor "
+                                 "and must be >= 1 (1: no scaling)")
+            return {"type": "linear", "factor": value}
+        return value
+
+    @model_validator(mode="after")
+    def _rope_scaling_fits_heads(self):
+        # The NTK base change raises theta to d / (d - 2): a head of 2 dims has no such base.
+        if self.rope_scaling.type in ("ntk", "dynamic") and self.d_model % self.n_heads == 0 and self.head_dim <= 2:
+            raise ValueError(f"model.rope_scaling.type={self.rope_scaling.type} needs a head dim "
+                             f"model.d_model/model.n_heads above 2, got {self.head_dim}")
+        return self
 
     @property
     def d_inner(self) -> int:

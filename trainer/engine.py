@@ -135,6 +135,34 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+# Bounds on what DeepSpeed gathers or flattens at once, in elements (its defaults, 5e8 and 1e9, are 2-4 GB of
+# float32 per rank whatever the model: one flat copy of every gradient of a 0.4B model, or all of ZeRO-3's
+# parameters gathered and kept). 5e7 elements (200 MB in float32) per bucket; ZeRO-3 keeps at most 5e7
+# gathered parameters and releases a parameter that is not used again within 5e7.
+BUCKET_ELEMENTS = 50_000_000
+ZERO_BUCKETS = {"reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS,
+                "stage3_prefetch_bucket_size": BUCKET_ELEMENTS, "stage3_max_live_parameters": BUCKET_ELEMENTS,
+                "stage3_max_reuse_distance": BUCKET_ELEMENTS}
+
+
+def bound_gradient_reduction(engine, data_parallel_size: int) -> None:
+    """The ZeRO-0 gradient all-reduce: none with one data-parallel rank (DeepSpeed still flattens every
+    gradient into one buffer and all-reduces it over a group of one), buckets of BUCKET_ELEMENTS otherwise
+    (DeepSpeed fixes them at 5e8 elements, MEMORY_OPT_ALLREDUCE_SIZE, with no setting). ZeRO 1-3 reduce
+    through their own optimizer, bucketed by ZERO_BUCKETS: left alone."""
+    if engine.zero_optimization_stage() > 0:
+        return
+    if data_parallel_size == 1:
+        engine.enable_backward_allreduce = False
+        engine.pipeline_enable_backward_allreduce = False  # the pipeline engine's own switch
+        return
+    fallback = engine.buffered_allreduce_fallback
+
+    def bounded(grads=None, elements_per_buffer=BUCKET_ELEMENTS):
+        return fallback(grads=grads, elements_per_buffer=min(elements_per_buffer, BUCKET_ELEMENTS))
+    engine.buffered_allreduce_fallback = bounded
+
+
 def deepspeed_config(train, parallel, dp_size: int) -> dict:
     """DeepSpeed JSON from the recipe's train and parallel sections."""
     return {
@@ -142,7 +170,7 @@ def deepspeed_config(train, parallel, dp_size: int) -> dict:
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * dp_size,
         "gradient_clipping": train.grad_clip,  # DeepSpeed's own default is 1.0: always set it
-        "zero_optimization": {"stage": parallel.zero_stage},
+        "zero_optimization": {"stage": parallel.zero_stage, **ZERO_BUCKETS},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -191,8 +219,10 @@ def build_optimizer(module: torch.nn.Module, train, zero_stage: int):
     step whose global gradient norm is NaN or Inf, without calling this optimizer (fp32 included:
     zero/stage_1_and_2.py and zero/stage3.py, `is_invalid_grad_norm`), and set the same `overflow`
     flag; they also refuse an optimizer class outside their list of tested ones."""
-    decay = [p for n, p in module.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in module.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    def decays(name, p):  # a partitioned ZeRO-3 parameter keeps its shape in ds_shape
+        return len(getattr(p, "ds_shape", p.shape)) >= 2 and "embed" not in name
+    decay = [p for n, p in module.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in module.named_parameters() if not decays(n, p)]
     adamw = SkippingAdamW if zero_stage == 0 else torch.optim.AdamW
     # torch's fused AdamW: one kernel over all tensors, the same update (about 4x faster than the
     # per-op loop on CPU for our small models); its devices are CPU, CUDA and a few others.
@@ -210,4 +240,5 @@ def build_engine(model: torch.nn.Module, train, parallel, dp_size: int):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(train, parallel, dp_size))
+    bound_gradient_reduction(engine, dp_size)
     return engine, optimizer, scheduler

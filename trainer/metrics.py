@@ -36,22 +36,32 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (parameters used per token, O blocks counted once per function
-    evaluation) + attention scores (6 * seq * d per attention layer for causal fwd+bwd)."""
-    cfg = model.cfg
+def flops_per_token(cfg, seq_len: int, evaluations: dict[int, int] | None = None) -> float:
+    """Training FLOPs per token from the model configuration (no weights needed, whatever the layout):
+    6 x (dense parameters used per token, an O block's counted once per function evaluation) + attention
+    scores (6 * seq * d per attention layer for causal fwd+bwd) + the LM head.
+
+    evaluations: {block index: function evaluations of its last solve} for O blocks (`ode_stats` keys
+    'ode/<index>/nfe', gathered from every stage); an O block missing from it counts the plan's guess."""
+    from longtrain.trainer.parallel.plan import block_parameters, function_evaluations
+
+    params = block_parameters(cfg, 1)
     total = 0.0
-    for block in model.blocks:
-        params = sum(p.numel() for p in block.parameters())
-        if block.letter == "O":
-            params *= max(block.mixer.last_nfe, 1)
-            if block.mixer.f.attn is not None:
-                total += 6 * seq_len * cfg.d_model * max(block.mixer.last_nfe, 1)
-        if block.letter == "A":
-            total += 6 * seq_len * cfg.d_model
-        total += 6 * params
-    total += 6 * cfg.d_model * cfg.vocab_size  # LM head
-    return total
+    for index, letter in enumerate(cfg.pattern):
+        block = 6.0 * params[letter]
+        if letter == "A":
+            block += 6 * seq_len * cfg.d_model
+        if letter == "O":
+            nfe = max((evaluations or {}).get(index) or function_evaluations(cfg.ode), 1)
+            block = nfe * (block + (6 * seq_len * cfg.d_model if cfg.ode.sublayer == "attention_mlp" else 0))
+        total += block
+    return total + 6 * cfg.d_model * cfg.vocab_size  # LM head
+
+
+def evaluations(ode_stats: dict) -> dict[int, int]:
+    """{block index: nfe} from `ode_stats` records ('ode/<index>/nfe')."""
+    return {int(key.split("/")[1]): value for key, value in ode_stats.items()
+            if key.endswith("/nfe") and key.split("/")[1].isdigit()}
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -12,7 +12,7 @@ slice and checks each one (whole-file hashes would make it read everything).
         {"dim": 0, "index": 1, "parts": 2, "step": 40, "shape": [16, 32], "block_rows": 1,
          "sha256": {"param": [16 hashes], "exp_avg": [...], "exp_avg_sq": [...]}}, ...}}
 
-Only the first data- and context-parallel replica of each slice writes it (the others are copies); under
+The data- and context-parallel replicas of a slice share the writing, parameter by parameter; under
 ZeRO the slice is first gathered from the partitions with DeepSpeed's own accessors
 (`safe_get_full_fp32_param`, `safe_get_full_optimizer_state`), which are collective over the ZeRO group,
 so every rank takes part. Loading at another layout reads, for every new rank, the rows of the saved
@@ -78,8 +78,10 @@ def _relink(optimizer) -> None:
 
 @torch.no_grad()
 def universal_state(named_params, dense_shapes: dict, optimizer, zero_stage: int, tp: int, tp_rank: int,
-                    keep: bool) -> dict:
-    """This rank's `universal` section (empty unless keep). Collective under ZeRO: every rank calls it."""
+                    replica: int = 0, replicas: int = 1) -> dict:
+    """This rank's `universal` section. Collective under ZeRO: every rank calls it. The `replicas` data- and
+    context-parallel ranks holding the same slices share the writing: this one (`replica`) keeps every
+    replicas-th parameter, so no rank holds (or hashes, or writes) more than its share of the model."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from longtrain.trainer.parallel.tensor import shard_dim
@@ -89,7 +91,7 @@ def universal_state(named_params, dense_shapes: dict, optimizer, zero_stage: int
         step = int(next(iter(base.state.values()))["step"]) if base.state else 0
         _relink(optimizer)
     out = {}
-    for name, param in named_params:
+    for i, (name, param) in enumerate(named_params):
         if zero_stage:
             value = safe_get_full_fp32_param(param)
             moments = {k: safe_get_full_optimizer_state(param, k) if base.state else torch.zeros_like(value)
@@ -99,7 +101,7 @@ def universal_state(named_params, dense_shapes: dict, optimizer, zero_stage: int
             value = param.detach()
             moments = {k: state[k] if k in state else torch.zeros_like(value) for k in MOMENTS}
             step = int(state["step"]) if "step" in state else 0
-        if not keep:
+        if i % replicas != replica:
             continue
         dim = shard_dim(_dense_shape(param), dense_shapes[name], tp)
         out[name] = {"dim": dim, "index": tp_rank if dim is not None else 0, "parts": tp if dim is not None else 1,

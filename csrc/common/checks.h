@@ -18,7 +18,7 @@ namespace longtrain {
 namespace checks {
 
 // Dtypes an argument may have.
-enum class DTypes { kFloats, kFloat32, kInt64 };
+enum class DTypes { kFloats, kFloat32, kInt64, kBool };
 // What a kernel assumes of an argument's strides.
 enum class Layout { kAnyStrides, kContiguous, kRowsContiguous };
 
@@ -27,6 +27,7 @@ inline bool dtype_allowed(at::ScalarType type, DTypes allowed) {
     case DTypes::kFloats: return type == at::kFloat || type == at::kBFloat16 || type == at::kHalf;
     case DTypes::kFloat32: return type == at::kFloat;
     case DTypes::kInt64: return type == at::kLong;
+    case DTypes::kBool: return type == at::kBool;
   }
   return false;
 }
@@ -36,6 +37,7 @@ inline const char* dtype_names(DTypes allowed) {
     case DTypes::kFloats: return "float32, bfloat16 or float16";
     case DTypes::kFloat32: return "float32";
     case DTypes::kInt64: return "int64";
+    case DTypes::kBool: return "bool";
   }
   return "";
 }

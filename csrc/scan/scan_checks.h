@@ -42,6 +42,11 @@ inline void check_scan_initial_state(const checks::Call& call, const ScanShape& 
                 checks::DTypes::kFloats);
 }
 
+// The document resets (batch, seq) bool, when given.
+inline void check_scan_reset(const checks::Call& call, const ScanShape& s, const std::optional<at::Tensor>& reset) {
+  call.optional(reset, "reset", "(batch, seq)", {s.batch, s.seq}, checks::DTypes::kBool);
+}
+
 // The backward's own arguments: dout (batch, dim, seq), dlast_state (batch, dim, state), and the
 // forward's checkpoints (batch, dim, n_chunks, state) float32.
 inline void check_scan_grads(const checks::Call& call, const ScanShape& s, const at::Tensor& dout,

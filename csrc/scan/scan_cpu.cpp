@@ -14,6 +14,11 @@
 // order of every sum is fixed, whatever the timing or thread count (cpu_parallel.h). Inputs of any
 // float dtype are read as float32; all accumulation is float32. exp, softplus and sigmoid are the polynomial
 // forms of common/cpu_math.h (no -ffast-math), within a few float32 ulp of libm.
+//
+// Document resets (packed sequences, like Mamba-2's seq_idx): at a step t with reset[b, t] the state
+// is zeroed before the step, so h_t = dt_t * u_t * B_t. The backward's recomputed chunk then keeps a
+// decay of 0 for that step, which stops dL/dh (and the decay's share of dA and ddelta) there, also
+// when the reset is the first step of a chunk and the checkpoint holds the state before it.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -38,18 +43,23 @@ struct ScanProblem {
   int64_t batch, dim, seq, state, padded, chunk, n_chunks;
   const float *u, *delta, *A, *B, *C, *D, *z, *delta_bias, *initial;  // B, C as (batch, seq, padded)
   bool softplus;
+  const bool* reset;  // (batch, seq) or null
 };
 
 // Steps [t0, t1) of the recurrence for one channel; `h` holds the state in and out. Writes each
-// step's y_t = <C_t, h_t> (before the D skip and gate), and with kKeep its state and decay.
-template <bool kKeep>
+// step's y_t = <C_t, h_t> (before the D skip and gate), and with kKeep its state and decay. kReset:
+// p.reset is given (a separate instance, so that the loop without resets is the one it always was).
+template <bool kKeep, bool kReset>
 LT_INLINE void scan_steps(const ScanProblem& p, int64_t b, int64_t d, int64_t t0, int64_t t1, float* __restrict h,
                           float* __restrict y, float* __restrict states, float* __restrict decays,
                           const float* __restrict dts, float* __restrict lanes) {
   const int64_t np = p.padded;
   const float* __restrict A = p.A + d * np;
   const float* __restrict u = p.u + (b * p.dim + d) * p.seq;
+  const bool* __restrict reset = kReset ? p.reset + b * p.seq : nullptr;
   for (int64_t t = t0; t < t1; ++t) {
+    const bool starts = kReset && reset[t];
+    if (starts) std::fill(h, h + np, 0.0f);
     const float dt = dts[t - t0];
     const float dtu = dt * u[t];
     const float* __restrict Bt = p.B + (b * p.seq + t) * np;
@@ -67,6 +77,7 @@ LT_INLINE void scan_steps(const ScanProblem& p, int64_t b, int64_t d, int64_t t0
         }
       }
     }
+    if (kKeep && starts) std::fill(decays + (t - t0) * np, decays + (t - t0 + 1) * np, 0.0f);
     std::memcpy(lanes + (t - t0) * kLanes, acc, sizeof(acc));
   }
   row_sums(lanes, t1 - t0, y);  // y_t for the whole chunk, 16 steps per batch of reductions
@@ -85,10 +96,14 @@ void scan_chunk(const ScanProblem& p, int64_t b, int64_t d, int64_t t0, int64_t 
   } else {
     for (int64_t t = t0; t < t1; ++t) dts[t - t0] = delta[t] + bias;
   }
-  if (keep) {
-    scan_steps<true>(p, b, d, t0, t1, h, y, states, decays, dts, lanes);
+  if (keep && p.reset) {
+    scan_steps<true, true>(p, b, d, t0, t1, h, y, states, decays, dts, lanes);
+  } else if (keep) {
+    scan_steps<true, false>(p, b, d, t0, t1, h, y, states, decays, dts, lanes);
+  } else if (p.reset) {
+    scan_steps<false, true>(p, b, d, t0, t1, h, y, states, decays, dts, lanes);
   } else {
-    scan_steps<false>(p, b, d, t0, t1, h, y, states, decays, dts, lanes);
+    scan_steps<false, false>(p, b, d, t0, t1, h, y, states, decays, dts, lanes);
   }
 }
 
@@ -284,7 +299,7 @@ at::Tensor pad_transpose(const at::Tensor& x, int64_t padded) {
 
 struct Prepared {
   ScanProblem p;
-  at::Tensor u, delta, A, B, C, D, z, delta_bias;
+  at::Tensor u, delta, A, B, C, D, z, delta_bias, reset;
   bool has_D, has_z, has_delta_bias;  // not the pointers: an empty tensor's may be null (seq 0)
 };
 
@@ -292,7 +307,7 @@ struct Prepared {
 Prepared prepare(const ScanShape& s, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                  const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                  const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias, bool softplus,
-                 int64_t chunk) {
+                 int64_t chunk, const std::optional<at::Tensor>& reset) {
   Prepared r;
   const int64_t padded = (s.state + kLanes - 1) / kLanes * kLanes;
   r.u = as_float(u);
@@ -306,20 +321,25 @@ Prepared prepare(const ScanShape& s, const at::Tensor& u, const at::Tensor& delt
   if (r.has_D) r.D = as_float(*D);
   if (r.has_z) r.z = as_float(*z);
   if (r.has_delta_bias) r.delta_bias = as_float(*delta_bias);
+  // An empty tensor's pointer may be null (seq 0): then no step reads it.
+  if (checks::Call::present(reset)) r.reset = reset->contiguous();
   r.p = ScanProblem{s.batch, s.dim, s.seq, s.state, padded, chunk, s.n_chunks, r.u.data_ptr<float>(),
                     r.delta.data_ptr<float>(), r.A.data_ptr<float>(), r.B.data_ptr<float>(), r.C.data_ptr<float>(),
-                    opt_ptr(r.D), opt_ptr(r.z), opt_ptr(r.delta_bias), nullptr, softplus};
+                    opt_ptr(r.D), opt_ptr(r.z), opt_ptr(r.delta_bias), nullptr, softplus,
+                    r.reset.defined() ? r.reset.data_ptr<bool>() : nullptr};
   return r;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cpu(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-    bool delta_softplus, const std::optional<at::Tensor>& initial_state, int64_t chunk) {
+    bool delta_softplus, const std::optional<at::Tensor>& initial_state, int64_t chunk,
+    const std::optional<at::Tensor>& reset) {
   const checks::Call call("selective_scan_fwd", u, "u", c10::DeviceType::CPU);
   const ScanShape shape = check_scan_inputs(call, u, delta, A, B, C, D, z, delta_bias, chunk);
   check_scan_initial_state(call, shape, initial_state);
-  Prepared r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk);
+  check_scan_reset(call, shape, reset);
+  Prepared r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, reset);
   at::Tensor initial;
   if (checks::Call::present(initial_state)) initial = as_float(*initial_state);
   r.p.initial = opt_ptr(initial);
@@ -341,11 +361,12 @@ selective_scan_bwd_cpu(const at::Tensor& dout, const std::optional<at::Tensor>& 
                        const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                       const at::Tensor& checkpoints, int64_t chunk) {
+                       const at::Tensor& checkpoints, int64_t chunk, const std::optional<at::Tensor>& reset) {
   const checks::Call call("selective_scan_bwd", dout, "dout", c10::DeviceType::CPU);
   const ScanShape shape = check_scan_inputs(call, u, delta, A, B, C, D, z, delta_bias, chunk);
   check_scan_grads(call, shape, dout, dlast_state, checkpoints);
-  Prepared r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk);
+  check_scan_reset(call, shape, reset);
+  Prepared r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, reset);
   const ScanProblem& p = r.p;
   const int64_t np = p.padded;
   auto opts = u.options().dtype(at::kFloat);

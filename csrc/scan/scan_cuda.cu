@@ -9,7 +9,8 @@
 // walks chunks in reverse, re-runs the forward of one chunk from its checkpoint into shared memory,
 // then runs the adjoint recurrence g_{t-1} = exp(dt_t A) * (g_t + dy_t C_t) backwards through it.
 // dB and dC, summed over channels, are accumulated in shared memory per block and then with
-// atomicAdd in global memory (so the backward is not bitwise deterministic).
+// atomicAdd in global memory (so the backward is not bitwise deterministic). A document reset at
+// step t zeroes the state before the step; in the backward its decay is 0, which stops the adjoint.
 #include "../common/cuda_math.cuh"
 #include "scan_cuda.h"
 
@@ -25,9 +26,10 @@ template <typename T>
 struct ScanShared {
   float B[kChunk][kMaxState], C[kChunk][kMaxState];
   float u[kWarps][kChunk], dt[kWarps][kChunk], z[kWarps][kChunk], y[kWarps][kChunk];
+  bool reset[kChunk];
 };
 
-// Stage one chunk of B, C (per block) and u, dt, z (per warp) in shared memory.
+// Stage one chunk of B, C and the resets (per block) and u, dt, z (per warp) in shared memory.
 template <typename T>
 __device__ void load_chunk(const ScanParams& p, ScanShared<T>& s, int b, int d, int warp, int lane, int t0, int len) {
   const T* B = static_cast<const T*>(p.B) + static_cast<long>(b) * p.state * p.seq;
@@ -38,6 +40,8 @@ __device__ void load_chunk(const ScanParams& p, ScanShared<T>& s, int b, int d, 
     s.B[t][n] = in ? to_float(B[static_cast<long>(n) * p.seq + t0 + t]) : 0.0f;
     s.C[t][n] = in ? to_float(C[static_cast<long>(n) * p.seq + t0 + t]) : 0.0f;
   }
+  for (int t = threadIdx.x; t < kChunk; t += blockDim.x)
+    s.reset[t] = p.reset && t < len && p.reset[static_cast<long>(b) * p.seq + t0 + t];
   if (d < p.dim) {
     const long row = (static_cast<long>(b) * p.dim + d) * p.seq + t0;
     const float bias = p.delta_bias ? p.delta_bias[d] : 0.0f;
@@ -68,6 +72,7 @@ __global__ void __launch_bounds__(kWarps * 32) scan_forward_kernel(ScanParams p)
     __syncthreads();
     for (int t = 0; t < len; ++t) {
       const float dt = s.dt[warp][t];
+      if (s.reset[t]) h = 0.0f;
       h = __expf(dt * A) * h + dt * s.u[warp][t] * s.B[t][lane];
       const float y = warp_sum(s.C[t][lane] * h);
       if (lane == 0) s.y[warp][t] = y;
@@ -116,6 +121,7 @@ __global__ void __launch_bounds__(kWarps * 32) scan_backward_kernel(ScanParams p
     float h = h_start;
     for (int t = 0; t < len; ++t) {
       const float dt = s.dt[warp][t];
+      if (s.reset[t]) h = 0.0f;
       h = __expf(dt * A) * h + dt * s.u[warp][t] * s.B[t][lane];
       states[warp][t][lane] = h;
       const float y = warp_sum(s.C[t][lane] * h);
@@ -132,7 +138,7 @@ __global__ void __launch_bounds__(kWarps * 32) scan_backward_kernel(ScanParams p
       }
       dD += dy * u;
       const float h_t = states[warp][t][lane], h_prev = t > 0 ? states[warp][t - 1][lane] : h_start;
-      const float decay = __expf(dt * A);
+      const float decay = s.reset[t] ? 0.0f : __expf(dt * A);  // a reset cuts the state's history
       adj += dy * s.C[t][lane];
       if (has_state) {
         atomicAdd(&dC[t][lane], dy * h_t);

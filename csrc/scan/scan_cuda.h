@@ -19,6 +19,7 @@ struct ScanParams {
   bool softplus;
   void* out;                                  // dtype, (batch, dim, seq)
   float *last, *checkpoints;                  // (batch, dim, state), (batch, dim, n_chunks, state)
+  const bool* reset;                          // (batch, seq), document starts; may be null
 };
 
 struct ScanGradParams {

@@ -22,7 +22,7 @@ cuda::DType dtype_of(const at::Tensor& x) {
 }
 
 struct Inputs {
-  at::Tensor u, delta, B, C, z, A, D, delta_bias, initial;
+  at::Tensor u, delta, B, C, z, A, D, delta_bias, initial, reset;
   cuda::ScanParams params;
 };
 
@@ -30,7 +30,7 @@ struct Inputs {
 Inputs prepare(const ScanShape& s, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                const at::Tensor& B, const at::Tensor& C, const std::optional<at::Tensor>& D,
                const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias, bool softplus,
-               const std::optional<at::Tensor>& initial, int64_t chunk) {
+               const std::optional<at::Tensor>& initial, int64_t chunk, const std::optional<at::Tensor>& reset) {
   TORCH_CHECK(chunk == cuda::kScanChunk, "selective_scan (CUDA): chunk must be ", cuda::kScanChunk);
   TORCH_CHECK(s.state <= cuda::kScanMaxState, "selective_scan (CUDA): state must be <= ", cuda::kScanMaxState);
   Inputs r;
@@ -44,25 +44,29 @@ Inputs prepare(const ScanShape& s, const at::Tensor& u, const at::Tensor& delta,
   if (checks::Call::present(D)) r.D = D->to(at::kFloat).contiguous();
   if (checks::Call::present(delta_bias)) r.delta_bias = delta_bias->to(at::kFloat).contiguous();
   if (checks::Call::present(initial)) r.initial = initial->to(at::kFloat).contiguous();
+  if (checks::Call::present(reset)) r.reset = reset->contiguous();
   const int seq = static_cast<int>(u.size(2));
   auto ptr = [](const at::Tensor& x) -> const float* { return x.defined() ? x.data_ptr<float>() : nullptr; };
   r.params = cuda::ScanParams{static_cast<int>(u.size(0)), static_cast<int>(u.size(1)), seq,
                               static_cast<int>(A.size(1)), std::max(1, (seq + cuda::kScanChunk - 1) / cuda::kScanChunk),
                               dtype_of(u), r.u.data_ptr(), r.delta.data_ptr(), r.B.data_ptr(), r.C.data_ptr(),
                               r.z.defined() ? r.z.data_ptr() : nullptr, ptr(r.A), ptr(r.D), ptr(r.delta_bias),
-                              ptr(r.initial), softplus, nullptr, nullptr, nullptr};
+                              ptr(r.initial), softplus, nullptr, nullptr, nullptr,
+                              r.reset.defined() ? r.reset.data_ptr<bool>() : nullptr};
   return r;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd_cuda(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
     const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-    bool delta_softplus, const std::optional<at::Tensor>& initial_state, int64_t chunk) {
+    bool delta_softplus, const std::optional<at::Tensor>& initial_state, int64_t chunk,
+    const std::optional<at::Tensor>& reset) {
   const checks::Call call("selective_scan_fwd", u, "u", c10::DeviceType::CUDA);
   const ScanShape shape = check_scan_inputs(call, u, delta, A, B, C, D, z, delta_bias, chunk);
   check_scan_initial_state(call, shape, initial_state);
+  check_scan_reset(call, shape, reset);
   const c10::cuda::CUDAGuard guard(u.device());
-  Inputs r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk);
+  Inputs r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk, reset);
   auto& p = r.params;
   auto f32 = u.options().dtype(at::kFloat);
   at::Tensor out = at::empty_like(r.u), last = at::empty({p.batch, p.dim, p.state}, f32);
@@ -80,12 +84,13 @@ selective_scan_bwd_cuda(const at::Tensor& dout, const std::optional<at::Tensor>&
                         const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                         const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                         const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                        const at::Tensor& checkpoints, int64_t chunk) {
+                        const at::Tensor& checkpoints, int64_t chunk, const std::optional<at::Tensor>& reset) {
   const checks::Call call("selective_scan_bwd", dout, "dout", c10::DeviceType::CUDA);
   const ScanShape shape = check_scan_inputs(call, u, delta, A, B, C, D, z, delta_bias, chunk);
   check_scan_grads(call, shape, dout, dlast_state, checkpoints);
+  check_scan_reset(call, shape, reset);
   const c10::cuda::CUDAGuard guard(u.device());
-  Inputs r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, std::nullopt, chunk);
+  Inputs r = prepare(shape, u, delta, A, B, C, D, z, delta_bias, delta_softplus, std::nullopt, chunk, reset);
   auto& p = r.params;
   at::Tensor cps = checkpoints.to(at::kFloat).contiguous();
   p.checkpoints = cps.data_ptr<float>();

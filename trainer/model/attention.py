@@ -16,10 +16,9 @@ from longtrain.trainer.model.layers import rotary_tables
 class Attention(nn.Module):
     def __init__(self, cfg, linears, backend: str = "auto"):
         super().__init__()
-        tp = linears.tp
         self.head_dim = cfg.head_dim
-        self.heads = cfg.n_heads // tp
-        self.kv_heads = cfg.n_kv_heads // tp
+        self.heads = linears.local(cfg.n_heads, "model.n_heads")
+        self.kv_heads = linears.local(cfg.n_kv_heads, "model.n_kv_heads")
         self.theta, self.scaling = cfg.rope_theta, cfg.rope_scaling
         self.backend = backend
         self.q = linears.column(cfg.d_model, cfg.n_heads * cfg.head_dim)
@@ -28,6 +27,9 @@ class Attention(nn.Module):
         self.out = linears.row(cfg.n_heads * cfg.head_dim, cfg.d_model)
         self.attend = self._local_attend
         self.positions = None  # optional (seq, device) -> (seq,) absolute positions; set by context parallelism
+        # optional seq -> length of the whole sequence this rank holds `seq` tokens of (dynamic RoPE scaling
+        # reads it); set by context parallelism
+        self.context_length = None
 
     def _local_attend(self, q, k, v):
         return attention(q, k, v, causal=True, backend=self.backend)
@@ -37,17 +39,21 @@ class Attention(nn.Module):
 
         With `state` (a dict, empty on the first call) the rotated keys and values of earlier calls are
         kept in it as 'k', 'v': (batch, past, kv_heads, head_dim) and attended to (KV cache for
-        generation); positions then continue from `past`.
+        generation); positions then continue from `past`. Dynamic RoPE scaling reads the current length
+        past + seq, so cached keys keep the rotation of the length at which they were computed (as in
+        transformers' dynamic NTK).
         """
         batch, seq, _ = x.shape
         past = state["k"].shape[1] if state else 0
+        context_len = past + seq if positions is None else None  # None: max(positions) + 1
         if positions is None and state is None and self.positions is not None:
             positions = self.positions(seq, x.device)
+            context_len = self.context_length(seq) if self.context_length is not None else None
         q = self.q(x).view(batch, seq, self.heads, self.head_dim)
         k = self.k(x).view(batch, seq, self.kv_heads, self.head_dim)
         v = self.v(x).view(batch, seq, self.kv_heads, self.head_dim)
         cos, sin = rotary_tables(seq, self.head_dim, self.theta, self.scaling, offset=past, device=x.device,
-                                 positions=positions)
+                                 positions=positions, context_len=context_len)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if state is not None:
             if past:

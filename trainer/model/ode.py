@@ -41,6 +41,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from longtrain.trainer.errors import LongtrainError
 from longtrain.trainer.model.attention import Attention
+from longtrain.trainer.model.init import set_rule
 from longtrain.trainer.model.layers import RMSNorm
 from longtrain.trainer.model.mlp import SwiGLU
 
@@ -59,7 +60,7 @@ class VectorField(nn.Module):
 
     def __init__(self, cfg, linears, kind: str = "mlp", attention_backend: str = "auto"):
         super().__init__()
-        self.time = nn.Parameter(torch.zeros(cfg.d_model))
+        self.time = set_rule(nn.Parameter(torch.zeros(cfg.d_model)), "const", 0.0)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_hidden, linears)
         self.attn = Attention(cfg, linears, attention_backend) if kind == "attention_mlp" else None
@@ -161,7 +162,6 @@ class ODEBlock(nn.Module):
         super().__init__()
         self.ode = cfg.ode
         self.f = VectorField(cfg, linears, cfg.ode.sublayer, attention_backend)
-        self.register_buffer("span", torch.tensor([0.0, 1.0]), persistent=False)
         self.lockstep_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.tally: Tally | None = None
         self._warned = False
@@ -184,7 +184,7 @@ class ODEBlock(nn.Module):
     def forward(self, x):
         """x: (batch, seq, d_model)."""
         tally = Tally(self.f, self.ode.solver, self.ode.max_steps, self._warn_once)
-        span = self.span.to(x.dtype if x.dtype == torch.float64 else torch.float32)
+        span = torch.tensor([0.0, 1.0], dtype=x.dtype if x.dtype == torch.float64 else torch.float32, device=x.device)
         kwargs = self.solver_options()
         if self.ode.adjoint and torch.is_grad_enabled():
             params = tuple(p for p in self.f.parameters() if p.requires_grad)

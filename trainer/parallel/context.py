@@ -7,13 +7,18 @@ context parallelism): the sequence is cut into 2*cp equal chunks and rank r hold
 - Attention: ring attention (Liu et al. 2023, "Ring Attention with Blockwise Transformers"). K/V
   blocks travel around the cp ring by point-to-point sends; each rank attends its query chunks to
   every block that precedes them and merges the partial results by their log-sum-exp. The backward
-  pass runs the ring again, recomputing each block through the kernel's autograd, and the dK/dV
-  accumulators travel with the blocks until they are home.
+  pass runs the ring again and the dK/dV accumulators travel with the blocks until they are home. On
+  flash-attn each block's backward takes the merged out and lse (as zhuzilin/ring-flash-attention
+  does); on the other kernels each block is recomputed through the kernel's autograd, lse included.
+  Under cp no kernel falls back silently to the O(seq^2) reference: `check_context_parallel_kernels`.
 - Mamba: the scan is linear in its state, h_out = P h_in + h_out(0) with P = exp(A * sum(delta)).
   Each rank scans its chunks from a zero state, the (h_out(0), P) pairs of all chunks are gathered
   and composed in sequence order to give each chunk its carry-in, and a second scan with zero input
   adds the carry-in's contribution. The causal conv takes the previous chunk's last d_conv-1 inputs.
-  Gradients flow through the gather (its backward sums the gradients of all ranks).
+  Gradients flow through the gather (its backward sums the gradients of all ranks). Packed documents
+  (reset where a document starts): a chunk with a reset has P = 0, the second scan's carry-in stops
+  at the chunk's first reset (the scan's own reset input), and the conv history is masked by the
+  tokens' in-document positions, so nothing crosses a document boundary, values or gradients.
 - Token-wise blocks (F, O with the MLP sublayer) need nothing.
 """
 from __future__ import annotations
@@ -24,7 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from longtrain.kernels.attention import attention
+from longtrain.kernels import attention as attention_kernels
+from longtrain.kernels import scan as scan_kernels
+from longtrain.kernels.attention import attention, flash_attn_backward
+from longtrain.kernels.registry import BackendError
 from longtrain.trainer.errors import LongtrainError
 from longtrain.trainer.parallel import collectives
 
@@ -105,8 +113,11 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, backend, scale):
         cp, me = dist.get_world_size(group), dist.get_rank(group)
+        # One choice for every block, forward and backward (the backward depends on which kernel ran).
+        backend = attention_kernels.registry.select(backend, q.device, q.dtype, head_dim=q.shape[-1],
+                                                    need_lse=True).name
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        q_chunks, k_chunks, v_chunks = q.chunk(2, dim=1), k.chunk(2, dim=1), v.chunk(2, dim=1)
+        q_chunks = q.chunk(2, dim=1)
         out = [None, None]
         lse = [None, None]
         kv = (k, v)
@@ -137,12 +148,9 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         group, cp, me = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
         compute = out.dtype
-        dout = dout.to(compute)
-        # d lse_i = w_i (<dO, o_i> - <dO, O>) with w_i = exp(lse_i - lse): the softmax merge's derivative.
-        row_dot = (dout * out).sum(-1).transpose(1, 2)  # (batch, heads, seq)
-        q_chunks = q.chunk(2, dim=1)
-        douts, lses, row_dots = dout.chunk(2, dim=1), lse.chunk(2, dim=2), row_dot.chunk(2, dim=2)
-        dq = [torch.zeros_like(c, dtype=compute) for c in q_chunks]
+        block_grads = (_flash_block_grads if ctx.backend == "flash_attn" else _recomputed_block_grads)(
+            q, dout, out, lse, ctx.backend, ctx.scale)
+        dq = [torch.zeros_like(c, dtype=compute) for c in q.chunk(2, dim=1)]
         kv = (k, v)
         dkv = (torch.zeros_like(k, dtype=compute), torch.zeros_like(v, dtype=compute))
         for step in range(cp):
@@ -150,14 +158,7 @@ class _RingAttention(torch.autograd.Function):
             k_chunks, v_chunks = kv[0].chunk(2, dim=1), kv[1].chunk(2, dim=1)
             dk_chunks, dv_chunks = dkv[0].chunk(2, dim=1), dkv[1].chunk(2, dim=1)
             for qi, ki, causal in _pairs(cp, me, source):
-                qb, kb, vb = (t.detach().requires_grad_() for t in (q_chunks[qi], k_chunks[ki], v_chunks[ki]))
-                with torch.enable_grad():
-                    o, l = attention(qb, kb, vb, causal=causal, softmax_scale=ctx.scale, return_lse=True,
-                                     backend=ctx.backend)
-                    weight = torch.exp(l.to(compute) - lses[qi])  # (batch, heads, seq_chunk)
-                    d_o = douts[qi] * weight.transpose(1, 2).unsqueeze(-1)
-                    d_l = weight * ((douts[qi] * o.to(compute)).sum(-1).transpose(1, 2) - row_dots[qi])
-                    dq_b, dk_b, dv_b = torch.autograd.grad((o, l), (qb, kb, vb), (d_o.to(o.dtype), d_l.to(l.dtype)))
+                dq_b, dk_b, dv_b = block_grads(qi, k_chunks[ki], v_chunks[ki], causal)
                 dq[qi] += dq_b
                 dk_chunks[ki].add_(dk_b)
                 dv_chunks[ki].add_(dv_b)
@@ -166,6 +167,45 @@ class _RingAttention(torch.autograd.Function):
                 kv = collectives.ring_exchange(list(kv), group)
             dkv = tuple(collectives.ring_exchange(list(dkv), group))
         return torch.cat(dq, dim=1).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+
+
+def _recomputed_block_grads(q, dout, out, lse, backend, scale):
+    """(query slot, k block, v block, causal) -> (dq, dk, dv) of one block in `out`'s dtype: the block is
+    recomputed through the kernel's autograd and differentiated through its out and its lse."""
+    compute = out.dtype
+    dout = dout.to(compute)
+    # d lse_i = w_i (<dO, o_i> - <dO, O>) with w_i = exp(lse_i - lse): the softmax merge's derivative.
+    row_dot = (dout * out).sum(-1).transpose(1, 2)  # (batch, heads, seq)
+    q_chunks, douts, lses, row_dots = q.chunk(2, dim=1), dout.chunk(2, dim=1), lse.chunk(2, dim=2), row_dot.chunk(2, dim=2)
+
+    def grads(qi, k_block, v_block, causal):
+        qb, kb, vb = (t.detach().requires_grad_() for t in (q_chunks[qi], k_block, v_block))
+        with torch.enable_grad():
+            o, l = attention(qb, kb, vb, causal=causal, softmax_scale=scale, return_lse=True, backend=backend)
+            weight = torch.exp(l.to(compute) - lses[qi])  # (batch, heads, seq_chunk)
+            d_o = douts[qi] * weight.transpose(1, 2).unsqueeze(-1)
+            d_l = weight * ((douts[qi] * o.to(compute)).sum(-1).transpose(1, 2) - row_dots[qi])
+            return torch.autograd.grad((o, l), (qb, kb, vb), (d_o.to(o.dtype), d_l.to(l.dtype)))
+    return grads
+
+
+def _flash_block_grads(q, dout, out, lse, backend, scale):
+    """As _recomputed_block_grads, without recomputing the forward and without a gradient through any lse.
+
+    Row i's probabilities over block b, as a part of the softmax over all keys, are P_b = exp(S_b - lse) with
+    the merged lse, and O = sum_b P_b V_b. So dV_b = P_b^T dO and dS_b = P_b * (dO V_b^T - rowsum(dO * O)):
+    exactly what flash-attn's backward computes for block b when handed the merged O and lse (it rebuilds P
+    from the lse it is given and its row term from the O it is given). The sum over blocks is then the exact
+    gradient, with no derivative of each block's own lse needed."""
+    q_chunks = q.chunk(2, dim=1)
+    outs = out.to(q.dtype).chunk(2, dim=1)
+    douts = dout.to(q.dtype).chunk(2, dim=1)
+    lses = [part.float().contiguous() for part in lse.chunk(2, dim=2)]  # flash-attn reads it as contiguous float32
+
+    def grads(qi, k_block, v_block, causal):
+        dq, dk, dv = flash_attn_backward(douts[qi], q_chunks[qi], k_block, v_block, outs[qi], lses[qi], causal, scale)
+        return dq.to(out.dtype), dk.to(out.dtype), dv.to(out.dtype)
+    return grads
 
 
 def ring_attention(q, k, v, group, backend: str | None = "auto", softmax_scale: float | None = None):
@@ -183,9 +223,10 @@ def _chunk_owner(cp: int, chunk: int) -> tuple[int, int]:
     return (chunk, 0) if chunk < cp else (2 * cp - 1 - chunk, 1)
 
 
-def context_parallel_conv(conv, group, x, conv_state=None):
+def context_parallel_conv(conv, group, x, conv_state=None, positions=None):
     """Mamba's causal conv over this rank's two chunks, each continuing from its predecessor's inputs.
-    conv: the block's own conv(x, conv_state); x: (batch, channels, 2*chunk)."""
+    conv: the block's own conv(x, conv_state, positions); x: (batch, channels, 2*chunk); positions:
+    (batch, 2*chunk) in-document positions of this rank's tokens (they mask the predecessor's inputs)."""
     if conv_state is not None:
         raise LongtrainError("decoding with a conv state is not supported under context parallelism")
     cp, me = dist.get_world_size(group), dist.get_rank(group)
@@ -195,31 +236,36 @@ def context_parallel_conv(conv, group, x, conv_state=None):
         raise LongtrainError(f"zigzag chunk of {chunks[0].shape[-1]} tokens is shorter than the Mamba conv "
                              f"history {history} (model.d_conv - 1); use a longer data.seq_len or a smaller parallel.cp")
     tails = all_gather_with_grad(torch.stack([c[..., c.shape[-1] - history:] for c in chunks]), group)
+    slot_positions = positions.chunk(2, dim=-1) if positions is not None else (None, None)
     outputs = []
     for slot, index in enumerate(zigzag_chunks(cp, me)):
         previous = None
         if index > 0 and history > 0:
             owner, owner_slot = _chunk_owner(cp, index - 1)
             previous = tails[owner, owner_slot]
-        y, _ = conv(chunks[slot], previous)
+        y, _ = conv(chunks[slot], previous, positions=slot_positions[slot])
         outputs.append(y)
     return torch.cat(outputs, dim=-1), x[..., x.shape[-1] - history:]
 
 
-def context_parallel_scan(scan, group, u, delta, A, B, C, D, z, delta_bias, initial_state=None, return_last_state=False):
+def context_parallel_scan(scan, group, u, delta, A, B, C, D, z, delta_bias, initial_state=None, return_last_state=False,
+                          reset=None):
     """Mamba's scan (delta_softplus=True) over this rank's two chunks, each starting from the state the
-    unsplit scan would have there. Same arguments as Mamba.scan; sequence tensors hold both chunks."""
+    unsplit scan would have there. Same arguments as Mamba.scan; sequence tensors (reset too) hold both chunks."""
     if initial_state is not None or return_last_state:
         raise LongtrainError("decoding with an SSM state is not supported under context parallelism")
     cp, me = dist.get_world_size(group), dist.get_rank(group)
-    pieces = [t.chunk(2, dim=-1) if t is not None else (None, None) for t in (u, delta, B, C, z)]
+    pieces = [t.chunk(2, dim=-1) if t is not None else (None, None) for t in (u, delta, B, C, z, reset)]
     zero_state_out, summaries = [], []
     for slot in range(2):
-        u_s, delta_s, B_s, C_s, z_s = (p[slot] for p in pieces)
-        y, last = scan(u_s, delta_s, A, B_s, C_s, D, z_s, delta_bias, initial_state=None, return_last_state=True)
+        u_s, delta_s, B_s, C_s, z_s, reset_s = (p[slot] for p in pieces)
+        y, last = scan(u_s, delta_s, A, B_s, C_s, D, z_s, delta_bias, initial_state=None, return_last_state=True,
+                       reset=reset_s)
         compute = torch.float64 if u.dtype == torch.float64 else torch.float32
         step = delta_s.to(compute) + (delta_bias.to(compute)[:, None] if delta_bias is not None else 0)
         decay = torch.exp(A.to(compute)[None] * F.softplus(step).sum(-1)[..., None])  # (batch, dim, state)
+        if reset_s is not None:  # a document starting in the chunk forgets the carry-in: P = 0
+            decay = decay * (~reset_s.any(-1)).to(compute)[:, None, None]
         zero_state_out.append(y)
         summaries.append(torch.stack([last.to(decay.dtype), decay]))
     gathered = all_gather_with_grad(torch.stack(summaries), group)  # (cp, slot, {last, decay}, batch, dim, state)
@@ -232,20 +278,24 @@ def context_parallel_scan(scan, group, u, delta, A, B, C, D, z, delta_bias, init
     for slot, index in enumerate(zigzag_chunks(cp, me)):
         y = zero_state_out[slot]
         if index > 0:
-            u_s, delta_s, B_s, C_s, z_s = (p[slot] for p in pieces)
-            # With zero input the scan only carries the initial state: y_t = <C_t, P_t h_in> * silu(z_t).
+            u_s, delta_s, B_s, C_s, z_s, reset_s = (p[slot] for p in pieces)
+            # With zero input the scan only carries the initial state: y_t = <C_t, P_t h_in> * silu(z_t),
+            # up to the chunk's first reset, after which it is exactly 0.
             y = y + scan(torch.zeros_like(u_s), delta_s, A, B_s, C_s, None, z_s, delta_bias,
-                         initial_state=carry[index], return_last_state=False)
+                         initial_state=carry[index], return_last_state=False, reset=reset_s)
         outputs.append(y)
     return torch.cat(outputs, dim=-1)
 
 
 # ---- applying it to a model ----
 
-def apply_context_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
+def apply_context_parallel(model: torch.nn.Module, group, device: torch.device | None = None,
+                           dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Swap the sequence-mixing hooks of every attention and Mamba module in `model` for their
     context-parallel versions over `group` (in place; returns the model). The model then takes this
-    rank's zigzag slice of each sequence. A group of size 1 leaves the model untouched."""
+    rank's zigzag slice of each sequence. A group of size 1 leaves the model untouched.
+    device, dtype: where and in which precision the run computes (default: the model's parameters');
+    first checked by `check_context_parallel_kernels`."""
     from longtrain.trainer.model.attention import Attention
     from longtrain.trainer.model.mamba import Mamba
     from longtrain.trainer.model.ode import ODEBlock
@@ -253,11 +303,15 @@ def apply_context_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
     cp = dist.get_world_size(group)
     if cp == 1:
         return model
+    parameter = next(model.parameters(), None)
+    check_context_parallel_kernels(model, device or (parameter.device if parameter is not None else torch.device("cpu")),
+                                   dtype or (parameter.dtype if parameter is not None else torch.float32))
     rank = dist.get_rank(group)
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = functools.partial(ring_attention, group=group, backend=module.backend)
             module.positions = functools.partial(_local_positions, cp=cp, rank=rank)
+            module.context_length = functools.partial(_full_length, cp=cp)
         elif isinstance(module, Mamba):
             module.conv = functools.partial(context_parallel_conv, module.conv, group)
             module.scan = functools.partial(context_parallel_scan, module.scan, group)
@@ -266,6 +320,51 @@ def apply_context_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
             raise LongtrainError("model.ode.solver=dopri5 under context parallelism needs ODEBlock.lockstep_sum "
                                  "(set by trainer/parallel/parallelize.py) so that cp ranks step in lock-step")
     return model
+
+
+_FAST_KERNELS = {
+    "kernels.attention": "on a GPU install flash-attn 2.6-2.8 (with train.bf16=true), or build longtrain.kernels._C "
+                         "(pip install --no-build-isolation -e ., with nvcc for CUDA)",
+    "kernels.scan": "build longtrain.kernels._C (pip install --no-build-isolation -e ., with nvcc for CUDA)",
+}
+
+
+def check_context_parallel_kernels(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise before any step when cp would run on the reference kernels without having asked for them.
+
+    Ring attention needs attention that returns the log-sum-exp, the Mamba scan needs an initial state
+    and its final state. Where `auto` finds no faster kernel doing that on this device and dtype, it
+    would take the O(seq^2)-memory reference attention or the step-by-step reference scan: an error
+    naming the recipe field and the fix. A backend the recipe names, `reference` included, is taken as
+    asked (and must be able to run here). float64, which no recipe trains in and only the reference
+    computes, is the precision of checks against the unsplit model, and is let through."""
+    from longtrain.trainer.model.attention import Attention
+    from longtrain.trainer.model.mamba import Mamba
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            field, registry, op = "kernels.attention", attention_kernels.registry, "ring attention (attention with its lse)"
+            facts = dict(head_dim=module.head_dim, need_lse=True)
+        elif isinstance(module, Mamba):
+            field, registry, op = "kernels.scan", scan_kernels.registry, "the Mamba scan with initial and final state"
+            facts = dict(state=module.d_state, initial_state=True, return_last_state=True)
+        else:
+            continue
+        where = f"{device.type}/{str(dtype).removeprefix('torch.')}"
+        try:
+            chosen = registry.select(module.backend, device, dtype, **facts)
+        except BackendError as error:
+            raise LongtrainError(f"{field}={module.backend} under context parallelism: {error}") from None
+        if module.backend in (None, "auto") and chosen.name == "reference" and dtype != torch.float64:
+            passed_over = "; ".join(f"{b.name}: {reason}" for b in registry.backends if b.name != "reference"
+                                    and (reason := b.supports(device=device, dtype=dtype, **facts)))
+            raise LongtrainError(f"{field}=auto would run {op} on the reference kernel under context parallelism on "
+                                 f"{where} ({passed_over}); {_FAST_KERNELS[field]}, or set {field}=reference to "
+                                 "accept it")
+
+
+def _full_length(seq: int, *, cp: int) -> int:
+    return seq * cp
 
 
 def _local_positions(seq: int, device=None, *, cp: int, rank: int) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Apply a mesh to the decoder and wrap it in a DeepSpeed engine: tp, pp, cp and dp x ZeRO together.
 
-    run = parallelize(model_cfg, train_cfg, parallel_cfg, mesh, dense_state, seq_len)
+    module = parallelize(model_cfg, mesh, seq_len, seed)     # this rank's part only
+    run = parallel_engine(module, train_cfg, parallel_cfg, mesh)
     loss = run.train_step(run.prepare(micro_batches))   # one optimizer step; the global mean loss
 
-Every rank starts from the same dense weights (`dense_state`, built from one seed) and keeps its
-shard. The loss is the mean over all tokens of all ranks: each rank averages its own tokens (equal
+Each rank declares the model on the meta device and materialises only its part, drawn by parameter
+name and slice so that it equals that part of the one-process model (trainer/model/init.py). The loss is the mean over all tokens of all ranks: each rank averages its own tokens (equal
 counts everywhere) and DeepSpeed averages gradients over the dp x cp group. With pp > 1 the engine is
 DeepSpeed's PipelineEngine (1F1B over parallel.micro_batches); otherwise the plain engine, given
 the mesh as its `mpu` so that ZeRO partitions over dp x cp and the gradient norm sums over tp.
@@ -17,16 +18,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longtrain.trainer.engine import build_optimizer, deepspeed_config
+from longtrain.trainer.engine import bound_gradient_reduction, build_optimizer, deepspeed_config
 from longtrain.trainer.faults import nonfinite_loss_poisons_gradients
 from longtrain.trainer.model.decoder import Decoder
+from longtrain.trainer.model.init import build_decoder, initialize
 from longtrain.trainer.model.layers import Linears
 from longtrain.trainer.parallel import collectives
 from longtrain.trainer.parallel.context import apply_context_parallel, zigzag_split
 from longtrain.trainer.parallel.mesh import Mesh
-from longtrain.trainer.parallel.pipeline import build_pipeline, load_dense
-from longtrain.trainer.parallel.tensor import (TensorParallelLinears, head_weight, load_dense_shards,
-                                               parallel_linear_loss)
+from longtrain.trainer.parallel.pipeline import build_pipeline
+from longtrain.trainer.parallel.tensor import TensorParallelLinears, head_weight, parallel_linear_loss
 
 
 class MeshMPU:
@@ -88,10 +89,17 @@ class ParallelRun:
     def module(self) -> nn.Module:
         return self.engine.module
 
-    @property
-    def stats_module(self) -> nn.Module:
-        """The module whose O blocks report solver counts, named as in the dense decoder where possible."""
-        return self.module if self.mesh.pp > 1 else self.module.decoder
+    def ode_stats(self) -> dict:
+        """`ode_stats` of this rank's O blocks, keyed by their index in the dense decoder's pattern."""
+        from longtrain.trainer.model.ode import ODEBlock, ode_stats
+        if self.mesh.pp == 1:
+            return ode_stats(self.module.decoder)
+        from longtrain.trainer.parallel.pipeline import BlockStage, local_layers
+        stats = {}
+        for index, layer in local_layers(self.module):
+            if isinstance(layer, BlockStage) and isinstance(layer.block.mixer, ODEBlock):
+                stats.update({f"ode/{index - 1}/{k}": v for k, v in layer.block.mixer.stats().items()})
+        return stats
 
     def prepare(self, micro_batches: list[tuple]) -> list[tuple]:
         """This data-parallel rank's micro-batches of one step ((tokens, targets), each (batch, seq))
@@ -170,12 +178,12 @@ class ParallelRun:
                 return {n: p.detach().clone() for n, p in named}
         return {n: p.detach().clone() for n, p in named}
 
-    def load_into_dense(self, dense: nn.Module) -> None:
-        """Collective: rank 0's `dense` Decoder receives the trained weights of every stage and tp shard
-        (for sampling and evaluation tools that want the whole model in one process)."""
+    def load_into_dense(self, dense: nn.Module | None, shapes: dict) -> None:
+        """Collective: rank 0's `dense` Decoder (None elsewhere) receives the trained weights of every stage
+        and tp shard (for sampling and tools that want the whole model in one process). shapes: the dense
+        parameter shapes (trainer/model/init.py dense_shapes)."""
         from longtrain.trainer.parallel.tensor import shard_dim
 
-        shapes = {n: p.shape for n, p in dense.named_parameters()}
         tp_rank = self.mesh.coordinates["tp"]
         mine = {n: (t, shard_dim(t.shape, shapes[n], self.mesh.tp), tp_rank) for n, t in self.gathered_parameters().items()}
         pieces = collectives.gather_object(mine if self.mesh.coordinates["cp"] == self.mesh.coordinates["dp"] == 0 else {})
@@ -189,37 +197,80 @@ class ParallelRun:
                     target.copy_(tensor)
 
 
-def parallelize(model_cfg, train, parallel, mesh: Mesh, dense_state: dict, seq_len: int,
-                attention_backend: str = "auto", scan_backend: str = "auto", dtype=torch.float32) -> ParallelRun:
-    import deepspeed
+class ZeroPartition:
+    """ZeRO-3 from the start: each piece of the model is partitioned over the data-parallel group as soon
+    as it holds its values (DeepSpeed's `zero.Init` given an existing module), so a rank never holds more
+    than one piece whole; `deepspeed.initialize` then finds every parameter already partitioned."""
 
-    linears = TensorParallelLinears(mesh, dtype) if mesh.tp > 1 else Linears(model_cfg.init_std)
+    def __init__(self, group, config: dict, mpu=None):
+        self.group, self.config, self.mpu = group, config, mpu
+
+    def __call__(self, piece: nn.Module) -> None:
+        import deepspeed
+        deepspeed.zero.Init(module=piece, data_parallel_group=self.group, config_dict_or_path=self.config, mpu=self.mpu,
+                            mem_efficient_linear=False)  # leave torch.nn.functional.linear as it is
+
+
+def zero_partition(train, parallel, mesh: Mesh) -> ZeroPartition | None:
+    """The ZeRO-3 partitioning of `parallelize` (None below stage 3)."""
+    if parallel.zero_stage != 3:
+        return None
+    return ZeroPartition(mesh.dp_cp_group, parallel_config(train, parallel, mesh), MeshMPU(mesh))
+
+
+def parallelize(model_cfg, mesh: Mesh, seq_len: int, seed: int, device=None, attention_backend: str = "auto",
+                scan_backend: str = "auto", activation_checkpointing: bool = False, dtype=torch.float32,
+                partition: ZeroPartition | None = None, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """This rank's part of the model, and nothing else: its tp shards, its pipeline stage (pp > 1) and,
+    with `partition`, its ZeRO-3 partition, each initialised to its slice of the one-process model
+    (trainer/model/init.py). The dense model is never built. compute_dtype: what the blocks compute in
+    (torch.bfloat16 under train.bf16's autocast; default dtype)."""
+    device = device or torch.device("cpu")
+    linears = TensorParallelLinears(mesh, dtype, model_cfg.init_std) if mesh.tp > 1 else Linears(model_cfg.init_std)
     tp_rank = mesh.coordinates["tp"]
-    if mesh.pp > 1:
+    if mesh.pp > 1:  # DeepSpeed's PipelineModule builds only this stage's layers
+        from longtrain.trainer.parallel.pipeline import dense_named_parameters
         module = build_pipeline(model_cfg, mesh, linears, functools.partial(_pipeline_loss, mesh=mesh), seq_len,
                                 attention_backend, scan_backend)
-        load_dense(module, dense_state, tp_rank, mesh.tp)
+        initialize(dense_named_parameters(module), seed, tp_rank, mesh.tp)
+        module.to(device)
     else:
-        decoder = Decoder(model_cfg, linears, attention_backend, scan_backend, train.activation_checkpointing)
-        load_dense_shards(decoder, dense_state, tp_rank, mesh.tp)
+        decoder = build_decoder(model_cfg, device, seed, linears, tp_rank, partition, attention_backend=attention_backend,
+                                scan_backend=scan_backend, activation_checkpointing=activation_checkpointing)
         module = ParallelLM(decoder, mesh)
-    module.to(dtype)
+    if dtype != torch.float32:
+        module.to(dtype)
     if mesh.tp * mesh.cp > 1:
         set_lockstep(module, mesh.tp_cp_group)
-    apply_context_parallel(module, mesh.cp_group)
+    # cp's kernel check (no silent reference kernels) sees the precision the blocks compute in.
+    apply_context_parallel(module, mesh.cp_group, device, compute_dtype or dtype)
+    return module
+
+
+def parallel_engine(module: nn.Module, train, parallel, mesh: Mesh) -> ParallelRun:
+    """The optimizer, schedule and DeepSpeed engine (the pipeline engine when pp > 1) of a parallelized module."""
+    import deepspeed
+
     optimizer, scheduler = build_optimizer(module, train, parallel.zero_stage)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=parallel_config(train, parallel, mesh),
+        mpu=None if mesh.pp > 1 else MeshMPU(mesh))
+    bound_gradient_reduction(engine, mesh.dp * mesh.cp)
+    if mesh.pp > 1 and parallel.zero_stage == 0:
+        engine.clip_fp32_gradients = functools.partial(_clip_pipeline_gradients, engine, mesh)
+    return ParallelRun(engine, optimizer, scheduler, mesh, train, parallel)
+
+
+def parallel_config(train, parallel, mesh: Mesh) -> dict:
+    """DeepSpeed's configuration under the mesh: ZeRO over dp x cp; with pp > 1, the step's sequences of
+    this rank cut into parallel.micro_batches pipeline micro-batches."""
     config = deepspeed_config(train, parallel, dp_size=mesh.dp * mesh.cp)
-    if mesh.pp > 1:  # the step's sequences of this rank, cut into parallel.micro_batches pipeline micro-batches
+    if mesh.pp > 1:
         per_rank = train.micro_batch_size * train.grad_accum
         config["train_micro_batch_size_per_gpu"] = per_rank // parallel.micro_batches
         config["gradient_accumulation_steps"] = parallel.micro_batches
         config["train_batch_size"] = per_rank * mesh.dp * mesh.cp
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-        mpu=None if mesh.pp > 1 else MeshMPU(mesh))
-    if mesh.pp > 1 and parallel.zero_stage == 0:
-        engine.clip_fp32_gradients = functools.partial(_clip_pipeline_gradients, engine, mesh)
-    return ParallelRun(engine, optimizer, scheduler, mesh, train, parallel)
+    return config
 
 
 @torch.no_grad()

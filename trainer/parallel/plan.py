@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from longtrain.trainer.errors import LongtrainError
+from longtrain.trainer.model.layers import Linears
 
 GIB = 1024 ** 3
 RK_STAGES = {"euler": 1, "midpoint": 2, "rk4": 4, "dopri5": 6}
@@ -139,10 +140,11 @@ def check_layout(recipe, world_size: int | None) -> Layout:
 
 # ---- parameters, from the model code itself on the meta device ----
 
-class ShardShapes:
+class ShardShapes(Linears):
     """A `Linears` with the local shapes of one tensor-parallel rank, for counting on the meta device."""
 
     def __init__(self, tp: int):
+        super().__init__()
         self.tp = tp
 
     def column(self, in_features, out_features, bias=False):

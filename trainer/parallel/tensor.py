@@ -4,15 +4,19 @@ column(in, out) is ColumnParallelLinear(gather_output=False): input replicated, 
 slice; row(in, out) is RowParallelLinear(input_is_parallel=True): input sliced, output all-reduced;
 embedding is VocabParallelEmbedding. These run on CPU untouched. The loss (`parallel_linear_loss`) is
 our own: megatron-core's vocab_parallel_cross_entropy takes the logits, which would exist for every
-token at once (64 GB in float32 at a vocab of 128k and 128k tokens per rank). Megatron's seeding (`model_parallel_cuda_manual_seed`) is CUDA-only, so weights are not
-initialised here: every rank builds the same dense model from one seed and takes its shard of each
-tensor (`load_dense_shards`), which also makes a tensor-parallel model equal to its dense twin.
+token at once (64 GB in float32 at a vocab of 128k and 128k tokens per rank). Megatron's seeding
+(`model_parallel_cuda_manual_seed`) is CUDA-only and draws per rank, so megatron does not initialise
+the weights here: each layer's parameters carry their init rule and shard marks, and
+trainer/model/init.py draws every rank's slice of the dense tensor by name, which makes a
+tensor-parallel model equal to its dense twin without the dense model existing anywhere.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from longtrain.trainer.model.init import mark_shard, set_rule
+from longtrain.trainer.model.layers import Linears
 from longtrain.trainer.parallel import collectives
 from longtrain.trainer.parallel.mesh import Mesh
 
@@ -23,28 +27,44 @@ def _layers():
 
 
 def _no_init(weight):
-    """Weights are loaded from the dense model (load_dense_shards); nothing to draw here."""
+    """Megatron draws nothing: trainer/model/init.py fills each slice by its rule."""
     return weight
 
 
-class TensorParallelLinears:
-    """A `Linears` (trainer/model/layers.py) whose layers are split over the mesh's tp group."""
+def _marked(layer: nn.Module, weight_dim: int, bias_dim: int | None, std: float) -> nn.Module:
+    """Give a megatron layer's parameters their init rules and shard marks (megatron sets the marks only
+    when it initialises the weights itself)."""
+    set_rule(layer.weight, "normal", std)
+    mark_shard(layer.weight, weight_dim)
+    if getattr(layer, "bias", None) is not None:
+        set_rule(layer.bias, "const", 0.0)
+        if bias_dim is not None:
+            mark_shard(layer.bias, bias_dim)
+    return layer
 
-    def __init__(self, mesh: Mesh, params_dtype: torch.dtype = torch.float32):
+
+class TensorParallelLinears(Linears):
+    """A `Linears` (trainer/model/layers.py) whose layers are split over the mesh's tp group. Their
+    weights are left uninitialised (trainer/model/init.py fills them by name)."""
+
+    def __init__(self, mesh: Mesh, params_dtype: torch.dtype = torch.float32, init_std: float = 0.02):
         from megatron.core.model_parallel_config import ModelParallelConfig
 
+        super().__init__(init_std)
         self.tp = mesh.tp
         self.group = mesh.tp_group
         self.config = ModelParallelConfig(tensor_model_parallel_size=mesh.tp, use_cpu_initialization=True,
                                           perform_initialization=False, params_dtype=params_dtype)
 
     def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
-        return _column_class()(in_features, out_features, config=self.config, init_method=_no_init, bias=bias,
-                               gather_output=False, tp_group=self.group)
+        layer = _column_class()(in_features, out_features, config=self.config, init_method=_no_init, bias=bias,
+                                gather_output=False, tp_group=self.group)
+        return _marked(layer, 0, 0, self.init_std)
 
     def row(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
-        return _row_class()(in_features, out_features, config=self.config, init_method=_no_init, bias=bias,
-                            input_is_parallel=True, skip_bias_add=False, tp_group=self.group)
+        layer = _row_class()(in_features, out_features, config=self.config, init_method=_no_init, bias=bias,
+                             input_is_parallel=True, skip_bias_add=False, tp_group=self.group)
+        return _marked(layer, 1, None, self.init_std)
 
     def shared_input(self, x: torch.Tensor) -> torch.Tensor:
         """Identity forward, gradient all-reduced over tp: x feeds channel-sharded work (Mamba's B, C)
@@ -52,7 +72,8 @@ class TensorParallelLinears:
         return copy_to_tensor_parallel(x, self.group)
 
     def embedding(self, vocab: int, dim: int) -> nn.Module:
-        return _layers().VocabParallelEmbedding(vocab, dim, init_method=_no_init, config=self.config, tp_group=self.group)
+        layer = _layers().VocabParallelEmbedding(vocab, dim, init_method=_no_init, config=self.config, tp_group=self.group)
+        return _marked(layer, 0, None, self.init_std)
 
 
 _CLASSES: dict = {}
