@@ -21,10 +21,17 @@ TORCH_LIBRARY(longtrain, m) {
       "Tensor dinitial_state)");
   // Attention in flash-attn's layout: q (batch, seq_q, heads, dim), k/v (batch, seq_k, kv_heads, dim);
   // lse (batch, heads, seq_q) float32. `dlse`, when given, is the gradient flowing into lse.
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)");
+  // Masks on absolute positions (q_start, k_start; absent: bottom-right aligned): a window
+  // (window_left, window_right), -1 unbounded; `sinks` first tokens of each document visible past the
+  // window; doc_q (batch, seq_q), doc_k (batch, seq_k) int32 document starts, keys of other documents hidden.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, int window_left=-1, "
+      "int window_right=-1, int sinks=0, Tensor? doc_q=None, Tensor? doc_k=None, int? q_start=None, "
+      "int? k_start=None) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, bool causal, "
-      "float scale) "
+      "float scale, int window_left=-1, int window_right=-1, int sinks=0, Tensor? doc_q=None, Tensor? doc_k=None, "
+      "int? q_start=None, int? k_start=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
   // Softmax cross-entropy of logit rows (rows, vocab) against int64 targets, `ignore_index` rows
   // skipped: returns each row's loss (float32, 0 when ignored) and overwrites the logits with

@@ -18,6 +18,14 @@
 // Causal masks are bottom-right aligned as in flash-attn: query i sees key j when j <= i + seq_k - seq_q;
 // a row that sees no key gets output 0 and lse -inf. Grouped-query attention: query head h reads K/V
 // head h / (heads / kv_heads).
+// Masks on absolute positions (q_start + i for query i, k_start + j for key j): flash-attn's sliding
+// window (left, right) (Beltagy et al. 2020, "Longformer"), attention sinks, the first tokens of each
+// document kept visible past the window (Xiao et al. 2023, "StreamingLLM"), and documents (a query sees
+// only keys with its own document start). The right edge (the diagonal under causal) bounds each tile's
+// products as the causal mask does; key tiles start where a query tile's window starts, and tiles that
+// no query of the tile sees (outside the window, the sinks or the tile's documents) are never computed,
+// so a sliding window costs seq * window, not seq^2. Inside a tile the left edge and documents mask
+// element by element.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -70,22 +78,149 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
   if (beta == 0.0f) out.copy_(prod.mul_(alpha)); else out.mul_(beta).add_(prod, alpha);
 }
 
+// Keys per block of the document bounds (AttentionMask::block_min, block_max).
+constexpr int64_t kDocBlock = 16;
+
+// What the right edge does not cover: the window's left edge, the sinks and the documents.
+struct AttentionMask {
+  int64_t left = -1;   // row i sees keys j >= i + shift - left (and the sinks) when left >= 0
+  int64_t shift = 0;   // q_start - k_start
+  int64_t sinks = 0, k_start = 0;
+  const int32_t *doc_q = nullptr, *doc_k = nullptr;  // (batch, seq_q), (batch, seq_k); null without documents
+  int64_t blocks = 0;                               // kDocBlock-key blocks per row of doc_k
+  std::vector<int32_t> block_min, block_max;        // doc_k's bounds per (batch, block)
+};
+
 struct AttentionProblem {
   int64_t batch, seq_q, seq_k, heads, kv_heads, dim;
-  bool causal;
+  // The right edge: row i sees keys j <= i + offset when bounded (causal: offset = q_start - k_start;
+  // a window's right edge adds to it).
+  bool bounded;
+  int64_t offset;
   float scale;
   int64_t tile_q;  // query rows per tile, <= kMaxTileQ
+  const AttentionMask* mask = nullptr;  // null without left edge, sinks or documents
   int64_t q_stride() const { return heads * dim; }    // between rows of q, out, dout
   int64_t kv_stride() const { return kv_heads * dim; }  // between rows of k, v
   // Keys [0, end) that any query in [i0, i1) may see.
-  int64_t key_end(int64_t i1) const { return causal ? std::clamp<int64_t>(i1 + seq_k - seq_q, 0, seq_k) : seq_k; }
-  // The causal band of a product between the query tile at i0 and the key tile at j0 (none without a mask).
+  int64_t key_end(int64_t i1) const { return bounded ? std::clamp<int64_t>(i1 + offset, 0, seq_k) : seq_k; }
+  // The right-edge band of a product between the query tile at i0 and the key tile at j0 (none without one).
   Band band(Band::Kind kind, int64_t i0, int64_t j0) const {
-    return causal ? Band{kind, i0 + seq_k - seq_q - j0 + 1} : Band{};
+    return bounded ? Band{kind, i0 + offset - j0 + 1} : Band{};
   }
-  // Keys of row i inside the tile starting at key j0 of width width.
+  // Keys of row i inside the tile starting at key j0 of width width, up to the right edge.
   int64_t visible(int64_t i, int64_t j0, int64_t width) const {
-    return causal ? std::clamp<int64_t>(i + seq_k - seq_q - j0 + 1, 0, width) : width;
+    return bounded ? std::clamp<int64_t>(i + offset - j0 + 1, 0, width) : width;
+  }
+};
+
+// The mask of one query tile's rows, for the element-wise part inside key tiles.
+struct TileRows {
+  int64_t lo[kMaxTileQ];        // the window's first key per row
+  int64_t sink_end[kMaxTileQ];  // sink keys [0, sink_end) before lo, when of the row's document
+  int32_t doc[kMaxTileQ];       // the row's document start
+  const int32_t* doc_k = nullptr;  // this batch row's doc_k
+  int32_t doc_min = 0, doc_max = 0;
+};
+
+void tile_rows(const AttentionProblem& p, int64_t b, int64_t i0, int64_t rows, TileRows& t) {
+  const AttentionMask& m = *p.mask;
+  if (m.doc_k) t.doc_k = m.doc_k + b * p.seq_k;
+  t.doc_min = std::numeric_limits<int32_t>::max();
+  t.doc_max = std::numeric_limits<int32_t>::min();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    t.doc[r] = m.doc_q ? m.doc_q[b * p.seq_q + i] : 0;
+    t.doc_min = std::min(t.doc_min, t.doc[r]);
+    t.doc_max = std::max(t.doc_max, t.doc[r]);
+    t.lo[r] = m.left >= 0 ? std::clamp<int64_t>(i + m.shift - m.left, 0, p.seq_k) : 0;
+    const int64_t before = std::min(t.lo[r], p.key_end(i + 1));
+    t.sink_end[r] = m.sinks > 0 ? std::clamp<int64_t>(t.doc[r] + m.sinks - m.k_start, 0, before) : 0;
+  }
+}
+
+// Keys [j0, j0 + width) computed together for a query tile; `masked` when some of them are hidden
+// from some rows by the left edge or the documents.
+struct KeyTile {
+  int64_t j0, width;
+  bool masked, docs;  // docs: the documents differ inside the tile
+};
+
+// The key tiles a query tile [i0, i0 + rows) meets, in increasing key order (a fixed order of the sums).
+std::vector<KeyTile> key_tiles(const AttentionProblem& p, int64_t b, int64_t i0, int64_t rows, const TileRows* t) {
+  std::vector<KeyTile> tiles;
+  const int64_t end = p.key_end(i0 + rows);
+  if (!t) {
+    for (int64_t j0 = 0; j0 < end; j0 += kTileK) tiles.push_back({j0, std::min(kTileK, end - j0), false, false});
+    return tiles;
+  }
+  const AttentionMask& m = *p.mask;
+  auto meets = [&](int64_t block) {  // whether a key block may hold one of the tile's documents
+    const int64_t at = b * m.blocks + block;
+    return m.block_max[at] >= t->doc_min && m.block_min[at] <= t->doc_max;
+  };
+  // Two ranges: the sinks [0, sink_end) and the window [lo, end); the second starts at an even key
+  // (the bfloat16 path's packed K and V start their pairs there).
+  int64_t sink_end = 0;
+  for (int64_t r = 0; r < rows; ++r) sink_end = std::max(sink_end, t->sink_end[r]);
+  std::pair<int64_t, int64_t> ranges[2] = {{0, sink_end}, {t->lo[0], end}};
+  for (auto& [begin, stop] : ranges) {
+    if (m.doc_k) {  // trim blocks of other documents off both ends
+      while (begin < stop && !meets(begin / kDocBlock)) begin = (begin / kDocBlock + 1) * kDocBlock;
+      while (stop > begin && !meets((stop - 1) / kDocBlock)) stop = (stop - 1) / kDocBlock * kDocBlock;
+      begin = std::min(begin, stop);
+    }
+    if (begin < stop) begin -= begin % 2;
+  }
+  if (ranges[1].first <= ranges[0].second) {  // they touch: one range
+    ranges[1].first = std::min(ranges[0].first, ranges[1].first);
+    ranges[0] = {0, 0};
+  }
+  for (const auto& [begin, stop] : ranges) {
+    // Tiles of equal width (even, so that each starts at an even key), not kTileK and a sliver.
+    const int64_t count = (stop - begin + kTileK - 1) / kTileK;
+    const int64_t step = count ? std::min(kTileK, ((stop - begin + count - 1) / count + 1) / 2 * 2) : kTileK;
+    for (int64_t j0 = begin; j0 < stop; j0 += step) {
+      const int64_t width = std::min(step, stop - j0);
+      bool docs = false;
+      if (m.doc_k) {
+        int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
+        bool any = false;
+        for (int64_t block = j0 / kDocBlock; block <= (j0 + width - 1) / kDocBlock; ++block) {
+          any = any || meets(block);
+          lo = std::min(lo, m.block_min[b * m.blocks + block]);
+          hi = std::max(hi, m.block_max[b * m.blocks + block]);
+        }
+        if (!any) continue;  // no key of the tile's documents
+        docs = !(lo == hi && t->doc_min == lo && t->doc_max == lo);
+      }
+      tiles.push_back({j0, width, docs || t->lo[rows - 1] > j0, docs});
+    }
+  }
+  return tiles;
+}
+
+// Sets the keys of row r that the left edge or the documents hide, among its first `end` keys of the
+// tile, to `value`: -inf before the softmax, 0 after it.
+template <typename T>
+void mask_row(const TileRows& t, int64_t r, const KeyTile& tile, int64_t end, T* s, T value) {
+  const int64_t first = std::clamp<int64_t>(t.lo[r] - tile.j0, 0, end);
+  const int64_t sinks = std::clamp<int64_t>(t.sink_end[r] - tile.j0, 0, first);
+  for (int64_t j = sinks; j < first; ++j) s[j] = value;
+  if (!tile.docs) return;
+  const int32_t* doc = t.doc_k + tile.j0;
+  const int32_t own = t.doc[r];
+  for (int64_t j = 0; j < end; ++j)
+    if (doc[j] != own) s[j] = value;
+}
+
+// The element-wise mask of one (query tile, key tile) product, or none.
+struct TileMask {
+  const TileRows* rows;
+  const KeyTile* tile;
+  template <typename T>
+  void apply(int64_t r, int64_t end, T* s, T value) const {
+    if (rows && tile->masked) mask_row(*rows, r, *tile, end, s, value);
   }
 };
 
@@ -121,10 +256,13 @@ void finish_rows(int64_t rows, int64_t d, const float* acc, int64_t ldacc, const
 // Online-softmax step over one score tile for every row of a query tile, rescaling what the out
 // accumulator held.
 void softmax_tile(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j0, int64_t width, float* scores,
-                  float* row_max, float* row_sum, float* acc, int64_t ldacc) {
+                  float* row_max, float* row_sum, float* acc, int64_t ldacc, const TileMask& mask) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float alpha =
-        softmax_row_update(scores + r * kTileK, p.visible(i0 + r, j0, width), width, row_max[r], row_sum[r]);
+    float* s = scores + r * kTileK;
+    const int64_t visible = p.visible(i0 + r, j0, width);
+    mask.apply(r, visible, s, kNegInf);
+    const float alpha = softmax_row_update(s, visible, width, row_max[r], row_sum[r]);
+    mask.apply(r, visible, s, 0.0f);  // exp_approx(-inf) is tiny, not 0
     if (alpha != 1.0f)
       for (int64_t c = 0; c < p.dim; ++c) acc[r * ldacc + c] *= alpha;
   }
@@ -144,11 +282,13 @@ void forward_tile(const AttentionProblem& p, const float* q, const float* k, con
     row_sum[r] = 0.0f;
     std::fill(o_tile + r * ldq, o_tile + r * ldq + d, 0.0f);
   }
-  const int64_t end = p.key_end(i0 + rows);
-  for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
-    const int64_t width = std::min(kTileK, end - j0);
+  TileRows masks;
+  if (p.mask) tile_rows(p, b, i0, rows, masks);
+  for (const KeyTile& tile : key_tiles(p, b, i0, rows, p.mask ? &masks : nullptr)) {
+    const int64_t j0 = tile.j0, width = tile.width;
     gemm(false, true, rows, width, d, p.scale, q_tile, ldq, k_head + j0 * ldk, ldk, 0.0f, scores, kTileK);
-    softmax_tile(p, rows, i0, j0, width, scores, row_max, row_sum, o_tile, ldq);
+    softmax_tile(p, rows, i0, j0, width, scores, row_max, row_sum, o_tile, ldq,
+                 TileMask{p.mask ? &masks : nullptr, &tile});
     gemm(false, false, rows, d, width, 1.0f, scores, kTileK, v_head + j0 * ldk, ldk, 1.0f, o_tile, ldq);
   }
   finish_rows(rows, d, o_tile, ldq, row_max, row_sum, o_tile, ldq, lse + (b * p.heads + h) * p.seq_q + i0);
@@ -225,12 +365,17 @@ void backward_head(const AttentionProblem& p, const float* q, const float* k, co
     const float *q_tile = q + offset, *do_tile = dout + offset;
     float* dq_tile = g.dq + offset;
     row_deltas(rows, d, do_tile, ldq, out + offset, ldq, g.dlse ? g.dlse + row0 + i0 : nullptr, delta);
-    const int64_t end = p.key_end(i0 + rows);
-    for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
-      const int64_t width = std::min(kTileK, end - j0);
+    TileRows masks;
+    if (p.mask) tile_rows(p, b, i0, rows, masks);
+    for (const KeyTile& tile : key_tiles(p, b, i0, rows, p.mask ? &masks : nullptr)) {
+      const int64_t j0 = tile.j0, width = tile.width;
+      const TileMask mask{p.mask ? &masks : nullptr, &tile};
       gemm(false, true, rows, width, d, p.scale, q_tile, ldq, k_head + j0 * ldk, ldk, 0.0f, probs, kTileK);
-      for (int64_t r = 0; r < rows; ++r)
-        probabilities_row(probs + r * kTileK, p.visible(i0 + r, j0, width), width, g.lse[row0 + i0 + r]);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t visible = p.visible(i0 + r, j0, width);
+        probabilities_row(probs + r * kTileK, visible, width, g.lse[row0 + i0 + r]);
+        mask.apply(r, visible, probs + r * kTileK, 0.0f);
+      }
       gemm(true, false, width, d, rows, 1.0f, probs, kTileK, do_tile, ldq, 1.0f, dv_head + j0 * ldq, ldq);
       gemm(false, true, rows, width, d, 1.0f, do_tile, ldq, v_head + j0 * ldk, ldk, 0.0f, dprobs, kTileK);
       for (int64_t r = 0; r < rows; ++r)
@@ -288,11 +433,13 @@ struct Bf16Workspace {
 // softmax_tile with P rounded to bfloat16 into `lo` (rows x w2) in the same pass over each row, in
 // base 2: the scores, row_max with them, carry a factor log2(e) (exp2_16).
 LT_BF16_TARGET void softmax_round_tile_native(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j0,
-                                              int64_t width, const float* scores, float* row_max, float* row_sum,
-                                              float* acc, int64_t ldacc, uint16_t* lo, int64_t w2) {
+                                              int64_t width, float* scores, float* row_max, float* row_sum,
+                                              float* acc, int64_t ldacc, uint16_t* lo, int64_t w2,
+                                              const TileMask& mask) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* s = scores + r * kTileK;
+    float* s = scores + r * kTileK;
     const int64_t visible = p.visible(i0 + r, j0, width);
+    mask.apply(r, visible, s, kNegInf);  // exp2_16(-inf) is exactly 0
     const float new_max = std::max(row_max[r], row_max_of(s, visible));
     if (new_max == kNegInf) {  // nothing seen yet: P is 0, the accumulator untouched
       std::fill(lo + r * w2, lo + (r + 1) * w2, uint16_t{0});
@@ -318,12 +465,13 @@ bool base2_softmax() {
 
 // softmax_tile, then P rounded to bfloat16 into `lo` (rows x w2).
 void softmax_round_tile(const AttentionProblem& p, int64_t rows, int64_t i0, int64_t j0, int64_t width, float* scores,
-                        float* row_max, float* row_sum, float* acc, int64_t ldacc, uint16_t* lo, int64_t w2) {
+                        float* row_max, float* row_sum, float* acc, int64_t ldacc, uint16_t* lo, int64_t w2,
+                        const TileMask& mask) {
 #if LT_HAS_X86
   if (use_native_bf16())
-    return softmax_round_tile_native(p, rows, i0, j0, width, scores, row_max, row_sum, acc, ldacc, lo, w2);
+    return softmax_round_tile_native(p, rows, i0, j0, width, scores, row_max, row_sum, acc, ldacc, lo, w2, mask);
 #endif
-  softmax_tile(p, rows, i0, j0, width, scores, row_max, row_sum, acc, ldacc);
+  softmax_tile(p, rows, i0, j0, width, scores, row_max, row_sum, acc, ldacc, mask);
   round_to_bf16(scores, kTileK, rows, width, lo, w2, nullptr);
 }
 
@@ -335,13 +483,15 @@ void forward_tile_bf16(const AttentionProblem& p, const bf16* q, const KvPacks& 
   float row_max[kMaxTileQ], row_sum[kMaxTileQ];
   std::fill(row_max, row_max + rows, kNegInf);
   std::fill(row_sum, row_sum + rows, 0.0f);
-  const int64_t end = p.key_end(i0 + rows);
   const bool base2 = base2_softmax();
-  for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
-    const int64_t width = std::min(kTileK, end - j0), w2 = (width + 1) / 2 * 2;
+  TileRows masks;
+  if (p.mask) tile_rows(p, b, i0, rows, masks);
+  for (const KeyTile& tile : key_tiles(p, b, i0, rows, p.mask ? &masks : nullptr)) {
+    const int64_t j0 = tile.j0, width = tile.width, w2 = (width + 1) / 2 * 2;
     bf16_gemm_packed(rows, width, d, p.scale * (base2 ? kLog2e : 1.0f), q_tile, d, kv.kt_b.columns(j0), 0.0f,
                      ws.scores.data(), kTileK, p.band(Band::kRowsQueriesColsKeys, i0, j0));
-    softmax_round_tile(p, rows, i0, j0, width, ws.scores.data(), row_max, row_sum, ws.acc.data(), d, ws.lo.data(), w2);
+    softmax_round_tile(p, rows, i0, j0, width, ws.scores.data(), row_max, row_sum, ws.acc.data(), d, ws.lo.data(), w2,
+                       TileMask{p.mask ? &masks : nullptr, &tile});
     bf16_gemm_packed(rows, d, w2, 1.0f, ws.lo.data(), w2, kv.v_b.rows(j0), 1.0f, ws.acc.data(), d,
                      p.band(Band::kRowsQueriesKKeys, i0, j0));
   }
@@ -373,9 +523,11 @@ void backward_head_bf16(const AttentionProblem& p, const Bf16Backward& x, const 
     ws.dq.assign(rows * d, 0.0f);  // every key tile adds to it; rounded once below
     row_deltas(rows, d, x.dout + (row0 + i0) * d, d, x.out + (row0 + i0) * d, d, g.dlse ? g.dlse + row0 + i0 : nullptr,
                delta);
-    const int64_t end = p.key_end(i0 + rows);
-    for (int64_t j0 = 0; j0 < end; j0 += kTileK) {
-      const int64_t width = std::min(kTileK, end - j0), w2 = (width + 1) / 2 * 2;
+    TileRows masks;
+    if (p.mask) tile_rows(p, b, i0, rows, masks);
+    for (const KeyTile& tile : key_tiles(p, b, i0, rows, p.mask ? &masks : nullptr)) {
+      const int64_t j0 = tile.j0, width = tile.width, w2 = (width + 1) / 2 * 2;
+      const TileMask mask{p.mask ? &masks : nullptr, &tile};
       float *probs = ws.scores.data(), *dprobs = ws.dscores.data();
       const PackedB lo_b{ws.lo_b.data(), 2 * round16(width)};
       const Band cols = p.band(Band::kRowsQueriesColsKeys, i0, j0), ks = p.band(Band::kRowsQueriesKKeys, i0, j0),
@@ -389,6 +541,8 @@ void backward_head_bf16(const AttentionProblem& p, const Bf16Backward& x, const 
 #endif
         for (int64_t r = 0; r < rows; ++r)
           probabilities_row(probs + r * kTileK, p.visible(i0 + r, j0, width), width, g.lse[row0 + i0 + r]);
+      if (p.mask)
+        for (int64_t r = 0; r < rows; ++r) mask.apply(r, p.visible(i0 + r, j0, width), probs + r * kTileK, 0.0f);
       // P is only the B operand of dV^T: packed, no row-major copy (the portable path packs from one).
       round_to_bf16(probs, kTileK, rows, width, use_native_bf16() ? nullptr : ws.lo.data(), w2, ws.lo_b.data());
       bf16_gemm_packed(d, width, rows2, 1.0f, dot_head + i0, x.seq_q2, lo_b, 1.0f, ws.dv_t.data() + j0, p.seq_k, qs);
@@ -404,16 +558,51 @@ void backward_head_bf16(const AttentionProblem& p, const Bf16Backward& x, const 
   }
   float* dk_head = g.dk + b * p.seq_k * ldg + h * d;
   float* dv_head = g.dv + b * p.seq_k * ldg + h * d;
-  for (int64_t j = 0; j < p.seq_k; ++j)
-    for (int64_t c = 0; c < d; ++c) {
-      dk_head[j * ldg + c] = ws.dk_t[c * p.seq_k + j];
-      dv_head[j * ldg + c] = ws.dv_t[c * p.seq_k + j];
-    }
+  // In blocks of 16 keys, so that each read of dK^T, dV^T is a whole cache line (key by key, every read
+  // went to another row of them).
+  for (int64_t j0 = 0; j0 < p.seq_k; j0 += 16)
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t j = j0; j < std::min(j0 + 16, p.seq_k); ++j) {
+        dk_head[j * ldg + c] = ws.dk_t[c * p.seq_k + j];
+        dv_head[j * ldg + c] = ws.dv_t[c * p.seq_k + j];
+      }
 }
 
-AttentionProblem make_problem(const AttentionShape& s, bool causal, double scale) {
-  const int64_t tile_q = s.seq_q >= 768 ? 256 : 64;
-  return {s.batch, s.seq_q, s.seq_k, s.heads, s.kv_heads, s.dim, causal, static_cast<float>(scale), tile_q};
+// The problem and, when the arguments ask for more than a bottom-right causal mask, its mask (kept
+// alive by the caller). Absolute positions only matter through q_start - k_start, and k_start for the sinks.
+AttentionProblem make_problem(const AttentionShape& s, bool causal, double scale, const AttentionMaskArgs& args,
+                              AttentionMask& mask) {
+  const int64_t q_start = args.q_start.value_or(s.seq_k - s.seq_q), k_start = args.k_start.value_or(0);
+  const int64_t right = causal ? 0 : args.window_right;  // flash-attn: causal sets the right edge to 0
+  const bool docs = checks::Call::present(args.doc_q), masked = attention_needs_mask(s, causal, args);
+  // Under a window, 64-row query tiles: a tile's keys span window + 64, of which each row sees the window
+  // (measured at 8k, window 1k: 64 rows as fast as 128 and faster than 32 or 256).
+  const int64_t tile_q = args.window_left >= 0 ? 64 : s.seq_q >= 768 ? 256 : 64;
+  AttentionProblem p{s.batch, s.seq_q, s.seq_k, s.heads, s.kv_heads, s.dim, causal, s.seq_k - s.seq_q,
+                     static_cast<float>(scale), tile_q};
+  if (!masked) return p;
+  p.bounded = right >= 0;
+  p.offset = q_start - k_start + right;
+  mask.left = args.window_left;
+  mask.shift = q_start - k_start;
+  mask.sinks = args.window_left >= 0 ? args.sinks : 0;
+  mask.k_start = k_start;
+  if (docs) {
+    mask.doc_q = args.doc_q->data_ptr<int32_t>();
+    mask.doc_k = args.doc_k->data_ptr<int32_t>();
+    mask.blocks = (s.seq_k + kDocBlock - 1) / kDocBlock;
+    mask.block_min.assign(s.batch * mask.blocks, std::numeric_limits<int32_t>::max());
+    mask.block_max.assign(s.batch * mask.blocks, std::numeric_limits<int32_t>::min());
+    for (int64_t b = 0; b < s.batch; ++b)
+      for (int64_t j = 0; j < s.seq_k; ++j) {
+        const int64_t at = b * mask.blocks + j / kDocBlock;
+        const int32_t doc = mask.doc_k[b * s.seq_k + j];
+        mask.block_min[at] = std::min(mask.block_min[at], doc);
+        mask.block_max[at] = std::max(mask.block_max[at], doc);
+      }
+  }
+  p.mask = &mask;
+  return p;
 }
 
 // bfloat16 products for bfloat16 inputs with an even head dim where the CPU has them natively.
@@ -455,9 +644,17 @@ at::Tensor dim_major(const at::Tensor& x_in) {
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, bool causal, double scale) {
+                                                     const at::Tensor& v_in, bool causal, double scale,
+                                                     int64_t window_left, int64_t window_right, int64_t sinks,
+                                                     const std::optional<at::Tensor>& doc_q,
+                                                     const std::optional<at::Tensor>& doc_k,
+                                                     std::optional<int64_t> q_start, std::optional<int64_t> k_start) {
   const checks::Call call("attention_fwd", q_in, "q", c10::DeviceType::CPU);
-  const AttentionProblem p = make_problem(check_attention_inputs(call, q_in, k_in, v_in), causal, scale);
+  const AttentionShape shape = check_attention_inputs(call, q_in, k_in, v_in);
+  const AttentionMaskArgs args{window_left, window_right, sinks, doc_q, doc_k, q_start, k_start};
+  check_attention_mask(call, shape, args);
+  AttentionMask mask;
+  const AttentionProblem p = make_problem(shape, causal, scale, args, mask);
   at::Tensor lse = at::empty({p.batch, p.heads, p.seq_q}, q_in.options().dtype(at::kFloat));
   const int64_t tiles = (p.seq_q + p.tile_q - 1) / p.tile_q, heads = p.batch * p.heads, tasks = heads * tiles;
   // Tasks run last query tiles first: under a causal mask they see the most keys.
@@ -490,11 +687,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                                                                  const at::Tensor& k_in, const at::Tensor& v_in,
                                                                  const at::Tensor& out, const at::Tensor& lse,
                                                                  const std::optional<at::Tensor>& dlse,
-                                                                 bool causal, double scale) {
+                                                                 bool causal, double scale, int64_t window_left,
+                                                                 int64_t window_right, int64_t sinks,
+                                                                 const std::optional<at::Tensor>& doc_q,
+                                                                 const std::optional<at::Tensor>& doc_k,
+                                                                 std::optional<int64_t> q_start,
+                                                                 std::optional<int64_t> k_start) {
   const checks::Call call("attention_bwd", dout, "dout", c10::DeviceType::CPU);
   const AttentionShape shape = check_attention_inputs(call, q_in, k_in, v_in);
   check_attention_grads(call, shape, dout, out, lse, dlse);
-  const AttentionProblem p = make_problem(shape, causal, scale);
+  const AttentionMaskArgs args{window_left, window_right, sinks, doc_q, doc_k, q_start, k_start};
+  check_attention_mask(call, shape, args);
+  AttentionMask mask;
+  const AttentionProblem p = make_problem(shape, causal, scale, args, mask);
   at::Tensor lse_f = as_float(lse), dlse_f;
   if (checks::Call::present(dlse)) dlse_f = as_float(*dlse);
   auto fopts = q_in.options().dtype(at::kFloat);

@@ -35,10 +35,23 @@ cuda::AttentionParams make_params(const checks::Call& call, const at::Tensor& q,
                                v.data_ptr(), nullptr, nullptr};
 }
 
+// The CUDA kernels have no window, sinks, documents or other positions yet: refused, never ignored.
+void check_no_mask(const checks::Call& call, const AttentionShape& s, bool causal, const AttentionMaskArgs& args) {
+  check_attention_mask(call, s, args);
+  TORCH_CHECK(!attention_needs_mask(s, causal, args), call.op,
+              " (CUDA): window_left, window_right, sinks, doc_q, doc_k, q_start and k_start are not supported on "
+              "CUDA yet; use the CPU kernel or the reference");
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                      const at::Tensor& v_in, bool causal, double scale) {
+                                                      const at::Tensor& v_in, bool causal, double scale,
+                                                      int64_t window_left, int64_t window_right, int64_t sinks,
+                                                      const std::optional<at::Tensor>& doc_q,
+                                                      const std::optional<at::Tensor>& doc_k,
+                                                      std::optional<int64_t> q_start, std::optional<int64_t> k_start) {
   const checks::Call call("attention_fwd", q_in, "q", c10::DeviceType::CUDA);
-  check_attention_inputs(call, q_in, k_in, v_in);
+  check_no_mask(call, check_attention_inputs(call, q_in, k_in, v_in), causal,
+                AttentionMaskArgs{window_left, window_right, sinks, doc_q, doc_k, q_start, k_start});
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   auto p = make_params(call, q, k, v, causal, scale);
@@ -54,9 +67,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
                                                                   const at::Tensor& k_in, const at::Tensor& v_in,
                                                                   const at::Tensor& out, const at::Tensor& lse,
                                                                   const std::optional<at::Tensor>& dlse, bool causal,
-                                                                  double scale) {
+                                                                  double scale, int64_t window_left,
+                                                                  int64_t window_right, int64_t sinks,
+                                                                  const std::optional<at::Tensor>& doc_q,
+                                                                  const std::optional<at::Tensor>& doc_k,
+                                                                  std::optional<int64_t> q_start,
+                                                                  std::optional<int64_t> k_start) {
   const checks::Call call("attention_bwd", dout, "dout", c10::DeviceType::CUDA);
-  check_attention_grads(call, check_attention_inputs(call, q_in, k_in, v_in), dout, out, lse, dlse);
+  const AttentionShape shape = check_attention_inputs(call, q_in, k_in, v_in);
+  check_attention_grads(call, shape, dout, out, lse, dlse);
+  check_no_mask(call, shape, causal,
+                AttentionMaskArgs{window_left, window_right, sinks, doc_q, doc_k, q_start, k_start});
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   auto p = make_params(call, q, k, v, causal, scale);
