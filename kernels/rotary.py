@@ -53,8 +53,14 @@ registry.register("torch", reference, always)
 
 
 def apply_rotary(x, cos, sin, backend=None):
-    """x: (batch, seq, heads, head_dim), head_dim even; cos, sin: (seq, head_dim / 2). backend: None/"auto",
-    or one of `registry.names()`."""
+    """x: (batch, seq, heads, head_dim), head_dim even; cos, sin: (seq, head_dim / 2), or (batch, seq, head_dim / 2)
+    for per-row positions (packed documents). backend: None/"auto", or one of `registry.names()`."""
+    if cos.dim() == 3 and x.dim() == 4 and cos.shape[0] == x.shape[0] and sin.shape == cos.shape:
+        # Per-row tables: the rows laid end to end are one sequence of batch * seq tokens.
+        batch, seq = x.shape[:2]
+        out = apply_rotary(x.reshape(1, batch * seq, *x.shape[2:]), cos.reshape(batch * seq, -1),
+                           sin.reshape(batch * seq, -1), backend)
+        return out.reshape(x.shape)
     if x.dim() != 4 or x.shape[-1] % 2 or cos.shape != (x.shape[1], x.shape[-1] // 2) or sin.shape != cos.shape:
         raise ValueError(f"apply_rotary: x must be (batch, seq, heads, even head_dim) and cos, sin (seq, head_dim / 2), "
                          f"got {tuple(x.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")

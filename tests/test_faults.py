@@ -34,8 +34,8 @@ def _poisoned_loss(bad_steps: dict):
 
     calls = [0]
 
-    def train_loss(engine, inputs, targets):
-        loss = clean(engine, inputs, targets)
+    def train_loss(engine, inputs, targets, *positions):
+        loss = clean(engine, inputs, targets, *positions)
         calls[0] += 1
         return loss * bad_steps[calls[0]] if calls[0] in bad_steps else loss
     return train_loss
@@ -106,8 +106,8 @@ def test_infinite_loss_with_finite_gradients_is_skipped(tmp_path, monkeypatch):
 
     calls = [0]
 
-    def train_loss(engine, inputs, targets):
-        loss = clean(engine, inputs, targets)
+    def train_loss(engine, inputs, targets, *positions):
+        loss = clean(engine, inputs, targets, *positions)
         calls[0] += 1
         return loss + float("inf") if calls[0] == 2 else loss
     monkeypatch.setattr(loop, "train_loss", train_loss)

@@ -140,6 +140,18 @@ class ModelConfig(Section):
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
     ode: OdeConfig = OdeConfig()
+    init_from: str | None = Field(None, description="start from the weights of this run directory's newest "
+                                  "complete checkpoint (or of this step_* directory), with a fresh optimizer, "
+                                  "schedule, step count and data position; data.seq_len and model.rope_scaling "
+                                  "may differ from the source's (trainer/init_from.py)")
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_path(cls, value):
+        if value is not None and not value.strip():
+            raise ValueError("model.init_from='' names no run: give a run directory or a checkpoint (step_*) "
+                             "directory, or leave it unset")
+        return value
 
     @field_validator("rope_scaling", mode="before")
     @classmethod
@@ -199,6 +211,10 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.02, gt=0, lt=0.5)
     tokenizer: TokenizerConfig = TokenizerConfig()
     task: Literal["text", "passkey", "mqar"] = "text"
+    packing: Literal["documents", "concat"] | None = Field(
+        None, description="text: 'documents' (each packed sequence carries its tokens' in-document positions; no "
+        "token attends to, or carries state from, another document) or 'concat' (one stream, documents see their "
+        "predecessors). Default: documents, or concat under parallel.pp > 1 (the pipeline does not carry positions)")
     passkey: PasskeyConfig = PasskeyConfig()
     mqar: MqarConfig = MqarConfig()
 
@@ -353,7 +369,21 @@ def check_ode_zero3(r: Recipe) -> None:
                          "use zero_stage 1 or 2, or adjoint=false")
 
 
-CHECKS = [check_pattern, check_heads, check_mlp_width, check_vocab, check_task_vocab, check_ode_zero3]
+def check_packing(r: Recipe) -> None:
+    if r.data.packing == "documents" and r.parallel.pp > 1:
+        raise ValueError("data.packing=documents does not work with parallel.pp > 1 yet (the pipeline stages do not "
+                         "carry the in-document positions); use data.packing=concat or pp=1")
+
+
+def packing(r: Recipe) -> str:
+    """The packing a recipe resolves to: 'documents' or 'concat' for text, 'task' for synthetic tasks (one
+    sample per sequence); data.packing unset is documents, or concat under parallel.pp > 1."""
+    if r.data.task != "text":
+        return "task"
+    return r.data.packing or ("concat" if r.parallel.pp > 1 else "documents")
+
+
+CHECKS = [check_pattern, check_heads, check_mlp_width, check_vocab, check_task_vocab, check_ode_zero3, check_packing]
 
 
 # ---- loading ----

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from longtrain.trainer import checkpoint as ckpt
-from longtrain.trainer.config import Recipe, load_recipe
+from longtrain.trainer.config import Recipe, load_recipe, packing
 from longtrain.trainer.data.loader import PackedDataset, eval_batches
 from longtrain.trainer.data.tasks import IGNORE, TaskDataset, answer_accuracy, make_task, task_eval_batches
 from longtrain.trainer.errors import LongtrainError
@@ -72,7 +72,10 @@ def _held_out(recipe: Recipe, run_dir: Path, length: int, task_name: str):
     from longtrain.trainer.data.shards import TokenShards
     if not (run_dir / "data" / "meta.json").is_file():
         raise LongtrainError(f"no prepared data at {run_dir / 'data'}: perplexity needs the run's held-out tokens")
-    dataset = PackedDataset(TokenShards(run_dir / "data").splits["eval"], length)
+    shards = TokenShards(run_dir / "data")
+    # Documents packing (the run's data.packing): each document is scored on its own context, as trained.
+    dataset = PackedDataset(shards.splits["eval"], length,
+                            shards.doc_starts["eval"] if packing(recipe) == "documents" else None)
     if len(dataset) == 0:
         raise LongtrainError(f"the held-out split is shorter than --lengths {length} tokens")
     return dataset
@@ -88,8 +91,8 @@ def _batches(dataset, batch_size: int, samples: int, answer_only: bool = False):
 def loss_by_position(model, batches) -> dict:
     """Mean loss, perplexity and the mean loss at every position (nats) over scored targets."""
     total = count = None
-    for inputs, targets in batches:
-        logits = model(inputs)
+    for inputs, targets, *positions in batches:  # positions: in-document, under documents packing
+        logits = model(inputs, positions=positions[0]) if positions else model(inputs)
         losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
         scored = (targets != IGNORE).double()
         total = losses.double().sum(0) if total is None else total + losses.double().sum(0)

@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from longtrain.trainer import checkpoint as ckpt
+from longtrain.trainer import init_from
 from longtrain.trainer import reshard
 from longtrain.trainer import run_dir as run_dirs
-from longtrain.trainer.config import Recipe, save_recipe
+from longtrain.trainer.config import Recipe, packing, save_recipe
 from longtrain.trainer.data.corpus import resolve_sources
 from longtrain.trainer.data.loader import DataLoader, PackedDataset, eval_batches
 from longtrain.trainer.data.shards import TOKENIZER_PATH_FIX, prepare
@@ -79,7 +80,10 @@ def preflight(recipe: Recipe, resume: str | None, world: int | None = None) -> P
     else:
         build_plan(recipe, world)  # world vs tp*pp*cp*dp, widths vs tp, layers vs pp, seq_len vs cp, batch
     check_writable_dir(recipe.run_dir, f"run.dir={str(recipe.run_dir)!r}")
-    return ckpt.resolve(resume, recipe.run_dir / "checkpoints")
+    resume_from = ckpt.resolve(resume, recipe.run_dir / "checkpoints")
+    if resume_from is None:  # a resume continues the run's own checkpoints: model.init_from is not read again
+        init_from.check_source(recipe, int(os.environ.get("WORLD_SIZE", 1)) if world is None else world)
+    return resume_from
 
 
 def check_fits_this_machine(recipe: Recipe, world: int) -> None:
@@ -102,18 +106,20 @@ def evaluate(engine, dataset, train_cfg, device, run=None, dp_rank: int = 0, dp_
     (batch i to dp rank i % dp_size), so eval time falls as dp grows; every rank returns the mean."""
     make = task_eval_batches if isinstance(dataset, TaskDataset) else eval_batches
     every = list(make(dataset, train_cfg.micro_batch_size, train_cfg.eval_batches))
-    mine = [(x.to(device), y.to(device), 1.0) for x, y in every[dp_rank::dp_size]]
+    # (inputs, targets, weight, *positions): positions under documents packing
+    mine = [(x.to(device), y.to(device), 1.0, *(p.to(device) for p in rest)) for x, y, *rest in every[dp_rank::dp_size]]
     # Every rank runs as many forwards (under ZeRO-3 a forward gathers parameters from every dp rank):
     # a rank with one batch fewer repeats one, counted with weight 0.
-    mine += [(every[0][0].to(device), every[0][1].to(device), 0.0)] * (-(-len(every) // dp_size) - len(mine))
+    mine += [(every[0][0].to(device), every[0][1].to(device), 0.0, *(p.to(device) for p in every[0][2:]))] * (
+        -(-len(every) // dp_size) - len(mine))
     if run is not None:  # tp / pp / cp: every rank of a replica takes its part of the same batches
         return run.evaluate(mine)
     model = engine.module
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (weighted sum of batch losses, batches)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=train_cfg.bf16):
-        for inputs, targets, weight in mine:
-            total[0] += weight * lm_loss(model(inputs), targets).double()
+        for inputs, targets, weight, *positions in mine:
+            total[0] += weight * lm_loss(model(inputs, positions=positions[0] if positions else None), targets).double()
             total[1] += weight
     model.train()
     if dp_size > 1:
@@ -137,8 +143,10 @@ def build_data(recipe: Recipe, rank: int, world: int):
     if shards.tokenizer.vocab_size > recipe.model.vocab_size:
         raise LongtrainError(f"model.vocab_size={recipe.model.vocab_size} is smaller than the tokenizer's "
                              f"{shards.tokenizer.vocab_size} pieces")
-    train_set = PackedDataset(shards.splits["train"], recipe.data.seq_len)
-    eval_set = PackedDataset(shards.splits["eval"], recipe.data.seq_len)
+    documents = packing(recipe) == "documents"  # batches carry in-document positions (trainer/data/loader.py)
+    train_set = PackedDataset(shards.splits["train"], recipe.data.seq_len,
+                              shards.doc_starts["train"] if documents else None)
+    eval_set = PackedDataset(shards.splits["eval"], recipe.data.seq_len, shards.doc_starts["eval"] if documents else None)
     loader = DataLoader(train_set, recipe.train.micro_batch_size, recipe.train.grad_accum,
                         dp_rank=rank, dp_size=world, seed=recipe.run.seed)
     if len(train_set) < loader.global_batch_size:
@@ -147,9 +155,10 @@ def build_data(recipe: Recipe, rank: int, world: int):
     return train_set, eval_set, loader, shards
 
 
-def train_loss(engine, inputs, targets):
-    """The loss of one training micro-batch: the decoder's lm_loss, computed without the full logits."""
-    return engine(inputs, targets)
+def train_loss(engine, inputs, targets, positions=None):
+    """The loss of one training micro-batch: the decoder's lm_loss, computed without the full logits.
+    positions: the in-document positions under documents packing."""
+    return engine(inputs, targets) if positions is None else engine(inputs, targets, positions)
 
 
 def train(recipe: Recipe, resume: str | None = None,
@@ -171,7 +180,8 @@ def train(recipe: Recipe, resume: str | None = None,
     LongtrainError naming the rank, the op and the loop's phase (trainer/faults.py).
 
     The stages, in order: claim_run_dir (checks, the run dir, data preparation on rank 0), start_processes
-    (process groups, mesh), build_data, build_model (this rank's part only, and its engine), resume,
+    (process groups, mesh), build_data, build_model (this rank's part only, and its engine), load_init_weights
+    (model.init_from), resume,
     run_loop (steps, evals, checkpoints, logs), finish (final eval and sample).
     """
     watch = watch_collectives(recipe.parallel.collective_timeout_s)  # before any group or engine exists
@@ -181,6 +191,7 @@ def train(recipe: Recipe, resume: str | None = None,
         run.watch = watch
         run.train_set, run.eval_set, run.loader, run.shards = build_data(recipe, run.dp_rank, run.dp_size)
         build_model(run)
+        load_init_weights(run, resume_from)
         start_step = resume_checkpoint(run, resume_from)
         announce(run, resume_from, start_step)
         stopped = run_loop(run, start_step, resume_from is not None, on_step)
@@ -211,6 +222,7 @@ class Run:
     log: MetricsLog | None = None
     resharded: tuple | None = None
     manifest: dict | None = None
+    init_source: Path | None = None  # the checkpoint model.init_from gave the weights of
     step: int = 0
     loss: float = float("nan")
 
@@ -250,6 +262,8 @@ def claim_run_dir(recipe: Recipe, resume: str | None, overwrite: bool) -> Path |
             if resume_from is not None:  # its token ids mean this tokenizer's pieces, and no other's
                 ckpt.check_tokenizer(ckpt.read_manifest(resume_from), prepared.tokenizer.path, resume_from,
                                      fix="resume with the data/ and data.* settings it was trained on")
+            elif recipe.model.init_from is not None:  # the source's token ids: the same tokenizer file
+                init_from.check_tokenizer(recipe, init_from.source_checkpoint(recipe), prepared.tokenizer.path)
         save_recipe(recipe, run_dir / "recipe.yaml")  # after the checks: a refused run leaves the run dir as it was
     return resume_from
 
@@ -287,6 +301,18 @@ def build_model(run: Run) -> None:
     run.parallel = parallel_engine(module, recipe.train, recipe.parallel, mesh)
     run.engine, run.optimizer, run.scheduler = run.parallel.engine, run.parallel.optimizer, run.parallel.scheduler
     run.module = run.parallel.module
+
+
+def load_init_weights(run: Run, resume_from: Path | None) -> None:
+    """model.init_from: this rank's slices of the source run's weights (trainer/init_from.py), into the model
+    and optimizer build_model made (fresh: no Adam state, step 0). A resume reads its own checkpoint instead."""
+    if resume_from is not None or run.recipe.model.init_from is None:
+        return
+    source = init_from.source_checkpoint(run.recipe)
+    if run.world > 1:
+        init_from.same_source_on_every_rank(source)
+    init_from.load_weights(run, source)
+    run.init_source = source
 
 
 def resume_checkpoint(run: Run, resume_from: Path | None) -> int:
@@ -334,7 +360,8 @@ def announce(run: Run, resume_from: Path | None, start_step: int) -> None:
     parameters = sum(math.prod(shape) for shape in run.shapes.values())
     run.log.print(f"longtrain: {recipe.name} | pattern {recipe.model.pattern} | {parameters:,} parameters | "
                   f"world {run.world} | device {run.device.type} | run dir {recipe.run_dir}"
-                  + (f" | resumed from {resume_from} (step {start_step})" if resume_from else ""))
+                  + (f" | resumed from {resume_from} (step {start_step})" if resume_from else "")
+                  + (f" | weights from {run.init_source} (model.init_from)" if run.init_source else ""))
     if run.resharded is None:
         return
     names = ("tp", "pp", "cp", "dp", "zero_stage")
@@ -391,13 +418,14 @@ def train_step(run: Run) -> float:
     recipe, device, engine = run.recipe, run.device, run.engine
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.bf16)
     if run.parallel is not None:  # already the mean over every rank's tokens
-        micro_batches = [(x.to(device), y.to(device)) for x, y in run.loader.next_step()]
+        # (inputs, targets), or (inputs, targets, positions) under documents packing
+        micro_batches = [tuple(t.to(device) for t in batch) for batch in run.loader.next_step()]
         with autocast:
             return run.parallel.train_step(run.parallel.prepare(micro_batches))
     losses = []
-    for inputs, targets in run.loader.next_step():
+    for inputs, targets, *positions in run.loader.next_step():
         with autocast:
-            loss = train_loss(engine, inputs.to(device), targets.to(device))
+            loss = train_loss(engine, inputs.to(device), targets.to(device), *(p.to(device) for p in positions))
         engine.backward(nonfinite_loss_poisons_gradients(loss))
         engine.step()
         losses.append(loss.detach())

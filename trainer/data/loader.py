@@ -5,6 +5,12 @@ is a seeded permutation per epoch; position g of the stream is sample perm_{g //
 loader's whole state is the number of consumed samples, so it resumes anywhere, under any
 data-parallel layout: global batch b covers stream positions [b*G, (b+1)*G), and rank r of dp takes
 its micro-batch slices of that range.
+
+Document-aware packing (`data.packing: documents`): the dataset also knows each document's start offset
+(the shards' *.docs.npy) and every batch carries a third tensor, the in-document position of each input
+token (0 where a document starts; Hugging Face's `position_ids` convention for packed sequences). A
+sequence that starts inside a document restarts its positions at 0 there (as Hugging Face's and
+torchtitan's packing do): the model sees the document's remainder as a document of its own.
 """
 from __future__ import annotations
 
@@ -13,10 +19,26 @@ import torch
 
 
 class PackedDataset:
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    """doc_starts: None (concat packing: batches are (inputs, targets)), or the int offsets of every document
+    in `tokens`, ascending (documents packing: batches are (inputs, targets, positions))."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, doc_starts: np.ndarray | None = None):
         self.tokens = tokens
         self.seq_len = seq_len
         self.num_samples = (len(tokens) - 1) // seq_len
+        self.doc_starts = None
+        if doc_starts is not None:
+            starts = np.asarray(doc_starts, dtype=np.int64)
+            # A split that opens inside a document (the held-out tail of the stream) opens with that document's tail.
+            self.doc_starts = starts if len(starts) and starts[0] == 0 else np.concatenate([[0], starts])
+
+    def positions(self, index: int) -> np.ndarray:
+        """(seq_len,) int64 in-document positions of sample `index`'s inputs, restarting at 0 at every
+        document start and at the sequence's first token."""
+        start = index * self.seq_len
+        offsets = np.arange(start, start + self.seq_len, dtype=np.int64)
+        owner = np.searchsorted(self.doc_starts, offsets, side="right") - 1  # >= 0: doc_starts[0] == 0
+        return offsets - np.maximum(self.doc_starts[owner], start)
 
     def __len__(self):
         return self.num_samples
@@ -63,15 +85,15 @@ class DataLoader:
         return [self.order[p] for p in range(first, first + self.micro_batch_size)]
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The grad_accum micro-batches of the next optimizer step: [(inputs, targets)], each (mb, seq)."""
+        """The grad_accum micro-batches of the next optimizer step: [(inputs, targets)], each (mb, seq), or
+        [(inputs, targets, positions)] for documents packing (positions: in-document, int64)."""
         start = self.consumed_samples
         batches = [self.collate(self.micro_batch_indices(start, j)) for j in range(self.grad_accum)]
         self.consumed_samples += self.global_batch_size
         return batches
 
     def collate(self, indices):
-        rows = torch.from_numpy(np.stack([self.dataset.get(i) for i in indices]))
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        return collate(self.dataset, indices)
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}
@@ -88,5 +110,14 @@ def eval_batches(dataset: PackedDataset, micro_batch_size: int, num_batches: int
     stride = len(dataset) / count
     indices = [int(i * stride) for i in range(count)]
     for start in range(0, count, size):
-        rows = torch.from_numpy(np.stack([dataset.get(i) for i in indices[start:start + size]]))
-        yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        yield collate(dataset, indices[start:start + size])
+
+
+def collate(dataset: PackedDataset, indices) -> tuple:
+    """(inputs, targets) of the samples `indices`, plus their in-document positions when the dataset knows
+    its documents."""
+    rows = torch.from_numpy(np.stack([dataset.get(i) for i in indices]))
+    batch = (rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+    if dataset.doc_starts is None:
+        return batch
+    return (*batch, torch.from_numpy(np.stack([dataset.positions(i) for i in indices])))

@@ -25,8 +25,8 @@ from longtrain.trainer.errors import LongtrainError
 
 
 def settings(cfg) -> dict:
-    """The data settings that decide the token stream (seq_len only cuts it into sequences)."""
-    return cfg.model_dump(mode="json", exclude={"seq_len"})
+    """The data settings that decide the token stream (seq_len and packing only cut it into sequences)."""
+    return cfg.model_dump(mode="json", exclude={"seq_len", "packing"})
 
 
 def fingerprint(cfg, files) -> str:

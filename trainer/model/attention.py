@@ -2,6 +2,11 @@
 
 The kernel is `longtrain.kernels.attention.attention`; `attend` can be swapped by context
 parallelism for the ring exchange, which sees the same (batch, seq, heads, head_dim) layout.
+
+Packed documents: with `positions` (batch, seq), each token's in-document position (0 where a document
+starts), a query sees keys of its own document only (the kernel's doc_q/doc_k, document start = absolute
+position - in-document position) and rotary positions restart at 0 in each document, so a document
+computes exactly what it would alone.
 """
 from __future__ import annotations
 
@@ -31,11 +36,16 @@ class Attention(nn.Module):
         # reads it); set by context parallelism
         self.context_length = None
 
-    def _local_attend(self, q, k, v):
-        return attention(q, k, v, causal=True, backend=self.backend)
+    def _local_attend(self, q, k, v, doc=None):
+        """doc: None, or (batch, seq) int32 document start of every token (queries and keys alike)."""
+        if doc is None:
+            return attention(q, k, v, causal=True, backend=self.backend)
+        return attention(q, k, v, causal=True, backend=self.backend, doc_q=doc, doc_k=doc)
 
     def forward(self, x, positions=None, state=None):
-        """x: (batch, seq, d_model); positions: optional (seq,) absolute token positions.
+        """x: (batch, seq, d_model); positions: optional (batch, seq) in-document positions of packed
+        documents (integers, 0 at each document start); absolute positions are 0..seq-1, or this rank's
+        (`self.positions`) under context parallelism.
 
         With `state` (a dict, empty on the first call) the rotated keys and values of earlier calls are
         kept in it as 'k', 'v': (batch, past, kv_heads, head_dim) and attended to (KV cache for
@@ -45,9 +55,20 @@ class Attention(nn.Module):
         """
         batch, seq, _ = x.shape
         past = state["k"].shape[1] if state else 0
-        context_len = past + seq if positions is None else None  # None: max(positions) + 1
-        if positions is None and state is None and self.positions is not None:
-            positions = self.positions(seq, x.device)
+        doc = None
+        if positions is not None:
+            if state is not None:
+                raise ValueError("Attention: positions (packed documents) do not combine with a decoding state")
+            if positions.shape != x.shape[:2]:
+                raise ValueError(f"Attention: positions must have shape (batch, seq) = {tuple(x.shape[:2])}, "
+                                 f"got {tuple(positions.shape)}")
+            absolute = self.positions(seq, x.device) if self.positions is not None else torch.arange(seq, device=x.device)
+            doc = (absolute.to(positions.dtype)[None] - positions).to(torch.int32)
+        # Dynamic RoPE scaling reads the length of the whole packed sequence, with or without documents.
+        context_len = past + seq
+        if state is None and self.positions is not None:
+            if positions is None:
+                positions = self.positions(seq, x.device)
             context_len = self.context_length(seq) if self.context_length is not None else None
         q = self.q(x).view(batch, seq, self.heads, self.head_dim)
         k = self.k(x).view(batch, seq, self.kv_heads, self.head_dim)
@@ -61,4 +82,5 @@ class Attention(nn.Module):
             state["k"], state["v"] = k, v
             # Bottom-right aligned causal mask: the new queries see every cached key.
             return self.out(attention(q, k, v, causal=True, backend=self.backend).reshape(batch, seq, -1))
-        return self.out(self.attend(q, k, v).reshape(batch, seq, self.heads * self.head_dim))
+        out = self.attend(q, k, v) if doc is None else self.attend(q, k, v, doc=doc)
+        return self.out(out.reshape(batch, seq, self.heads * self.head_dim))

@@ -2,6 +2,10 @@
 
 Pattern letters: A attention, M Mamba, O Neural-ODE, F SwiGLU MLP; e.g. "AMOF" or "MMAMMF".
 Layers are kept as a flat list (embedding, blocks, head) so pipeline parallelism can cut it into stages.
+
+Packed documents: `positions` (batch, seq), the in-document position of every token (0 at each document
+start), goes to every sequence-mixing block (A, M, and O whose vector field attends), which then keep each
+document to itself; token-wise blocks (F, O with the MLP sublayer) need nothing. Without it, nothing changes.
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from longtrain.trainer.model.mlp import SwiGLU
 from longtrain.trainer.model.ode import ODEBlock
 
 
+MIXES_TOKENS = "AMO"  # the letters of blocks that take `positions` (an O block passes it on when f attends)
+
+
 class Residual(nn.Module):
     """x + mixer(norm(x)); the O block integrates its own residual, so it is used bare."""
 
@@ -29,7 +36,7 @@ class Residual(nn.Module):
 
     def forward(self, x, **kwargs):
         if self.norm is None:
-            return self.mixer(x)
+            return self.mixer(x, **kwargs)
         return x + self.mixer(self.norm(x), **kwargs)
 
 
@@ -61,24 +68,29 @@ class Decoder(nn.Module):
         self.head = None if cfg.tie_embeddings else linears.column(cfg.d_model, cfg.vocab_size)
         self.activation_checkpointing = activation_checkpointing
 
-    def hidden(self, tokens):
-        x = self.embed(tokens)
+    def hidden(self, tokens, positions=None):
+        """positions: optional (batch, seq) in-document positions of packed documents."""
+        return self.norm(self.run_blocks(self.embed(tokens), positions))
+
+    def run_blocks(self, x, positions=None):
         for block in self.blocks:
+            kwargs = {"positions": positions} if positions is not None and block.letter in MIXES_TOKENS else {}
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, **kwargs)
             else:
-                x = block(x)
-        return self.norm(x)
+                x = block(x, **kwargs)
+        return x
 
     def logits(self, x):
         if self.head is None:
             return F.linear(x, self.embed.weight).float()
         return self.head(x).float()
 
-    def forward(self, tokens, targets=None):
+    def forward(self, tokens, targets=None, positions=None):
         """Logits; with targets (batch, seq), the mean next-token loss instead: lm_loss of the logits,
-        computed chunk by chunk of tokens so that the (tokens, vocab) logits never exist at once."""
-        hidden = self.hidden(tokens)
+        computed chunk by chunk of tokens so that the (tokens, vocab) logits never exist at once.
+        positions: optional (batch, seq) in-document positions of packed documents."""
+        hidden = self.hidden(tokens, positions)
         if targets is None:
             return self.logits(hidden)
         if not isinstance(self.embed, nn.Embedding) or not isinstance(self.head, (nn.Linear, type(None))):

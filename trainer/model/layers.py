@@ -92,7 +92,8 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, scaling=1.0, offset
     `scaling`: length extension (trainer/model/rope.py): a bare number is linear position interpolation
     (Chen et al. 2023) by that factor, or the recipe's `model.rope_scaling` (linear, ntk, dynamic, yarn,
     llama3). YaRN's attention factor multiplies cos and sin, as in transformers.
-    `positions` (seq,) overrides the contiguous range offset..offset+seq (context parallelism).
+    `positions` (seq,) overrides the contiguous range offset..offset+seq (context parallelism); (batch, seq)
+    gives each row its own positions (packed documents) and tables of shape (batch, seq, head_dim / 2).
     `context_len`: the length of the whole sequence these positions belong to, which dynamic scaling
     reads; default offset + seq_len, or max(positions) + 1 when `positions` is given.
     """
@@ -101,7 +102,10 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, scaling=1.0, offset
     if positions is None:
         positions = torch.arange(offset, offset + seq_len, device=device)
     inv_freq, attention_factor = rope.rope_frequencies(head_dim, theta, scaling, context_len, device=device)
-    angles = torch.outer(positions.float(), inv_freq)
+    if positions.dim() == 1:
+        angles = torch.outer(positions.float(), inv_freq)
+    else:
+        angles = positions.float().unsqueeze(-1) * inv_freq  # the same product per element as torch.outer
     cos, sin = angles.cos(), angles.sin()
     if attention_factor != 1.0:
         cos, sin = cos * attention_factor, sin * attention_factor

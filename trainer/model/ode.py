@@ -65,12 +65,15 @@ class VectorField(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.d_hidden, linears)
         self.attn = Attention(cfg, linears, attention_backend) if kind == "attention_mlp" else None
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if self.attn is not None else None
+        # (batch, seq) in-document positions of packed documents for the attention sublayer, set by the
+        # O block for its solve (and kept for the adjoint pass, which evaluates f after forward returns)
+        self.positions = None
 
     def forward(self, t, h):
         h_t = h + t.to(h.dtype) * self.time
         out = 0
         if self.attn is not None:
-            out = self.attn(self.attn_norm(h_t))
+            out = self.attn(self.attn_norm(h_t), positions=self.positions)
             h_t = h_t + out
         return out + self.mlp(self.norm(h_t))
 
@@ -181,8 +184,10 @@ class ODEBlock(nn.Module):
         grid = lambda func, y0, t: torch.linspace(float(t[0]), float(t[-1]), steps + 1, dtype=t.dtype, device=t.device)
         return dict(method=self.ode.solver, options={"grid_constructor": grid})
 
-    def forward(self, x):
-        """x: (batch, seq, d_model)."""
+    def forward(self, x, positions=None):
+        """x: (batch, seq, d_model); positions: optional (batch, seq) in-document positions of packed documents,
+        which the attention sublayer (model.ode.sublayer=attention_mlp) masks by; the MLP sublayer needs none."""
+        self.f.positions = positions
         tally = Tally(self.f, self.ode.solver, self.ode.max_steps, self._warn_once)
         span = torch.tensor([0.0, 1.0], dtype=x.dtype if x.dtype == torch.float64 else torch.float32, device=x.device)
         kwargs = self.solver_options()

@@ -11,6 +11,10 @@ context parallelism): the sequence is cut into 2*cp equal chunks and rank r hold
   flash-attn each block's backward takes the merged out and lse (as zhuzilin/ring-flash-attention
   does); on the other kernels each block is recomputed through the kernel's autograd, lse included.
   Under cp no kernel falls back silently to the O(seq^2) reference: `check_context_parallel_kernels`.
+  Packed documents: each token's document start travels with its K/V block, and every block pair is
+  computed with the kernel's document mask at the chunks' absolute positions (q_start, k_start), so no
+  query sees another document on any rank; a block pair whose keys all precede every query's document
+  start is skipped, forward and backward.
 - Mamba: the scan is linear in its state, h_out = P h_in + h_out(0) with P = exp(A * sum(delta)).
   Each rank scans its chunks from a zero state, the (h_out(0), P) pairs of all chunks are gathered
   and composed in sequence order to give each chunk its carry-in, and a second scan with zero input
@@ -109,24 +113,50 @@ def _pairs(cp: int, me: int, source: int):
                 yield qi, ki, kc == qc
 
 
+def _block_masks(cp: int, me: int, source: int, qi: int, ki: int, chunk: int, doc_q, doc_k) -> dict | None:
+    """The kernel's mask keywords for query slot qi of mine against key slot ki of `source`: {} without
+    documents; the chunks' document starts and absolute starts with them; None when every key precedes the
+    document start of every query (nothing to attend, the pair is skipped)."""
+    if doc_q is None:
+        return {}
+    q_start, k_start = zigzag_chunks(cp, me)[qi] * chunk, zigzag_chunks(cp, source)[ki] * chunk
+    if int(doc_q[qi].min()) >= k_start + chunk:
+        return None
+    return dict(doc_q=doc_q[qi], doc_k=doc_k[ki], q_start=q_start, k_start=k_start)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, backend, scale):
+    def forward(ctx, q, k, v, group, backend, scale, doc):
         cp, me = dist.get_world_size(group), dist.get_rank(group)
         # One choice for every block, forward and backward (the backward depends on which kernel ran).
+        asked = backend
         backend = attention_kernels.registry.select(backend, q.device, q.dtype, head_dim=q.shape[-1],
-                                                    need_lse=True).name
+                                                    need_lse=True, masked=doc is not None).name
+        if doc is not None and asked in (None, "auto") and backend == "reference" and q.dtype != torch.float64:
+            where = f"{q.device.type}/{str(q.dtype).removeprefix('torch.')}"
+            raise LongtrainError(f"data.packing=documents under context parallelism on {where}: no attention kernel "
+                                 "here takes document masks with its lse but the O(seq^2) reference; set "
+                                 "data.packing=concat, or kernels.attention=reference to accept it")
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         q_chunks = q.chunk(2, dim=1)
+        chunk = q_chunks[0].shape[1]
+        doc_q = doc.chunk(2, dim=1) if doc is not None else None
         out = [None, None]
         lse = [None, None]
-        kv = (k, v)
+        kv = (k, v) if doc is None else (k, v, doc)  # document starts travel with their keys
         for step in range(cp):
             source = (me - step) % cp
             k_chunks, v_chunks = kv[0].chunk(2, dim=1), kv[1].chunk(2, dim=1)
+            doc_k = kv[2].chunk(2, dim=1) if doc is not None else None
             for qi, ki, causal in _pairs(cp, me, source):
+                masks = _block_masks(cp, me, source, qi, ki, chunk, doc_q, doc_k)
+                if masks is None:
+                    continue
+                # A row that sees no key of this block (lse -inf, out 0) merges as weight 0; the diagonal
+                # block, where every row sees at least itself, comes first for slot 0 and second for slot 1.
                 o, l = attention(q_chunks[qi], k_chunks[ki], v_chunks[ki], causal=causal, softmax_scale=scale,
-                                 return_lse=True, backend=backend)
+                                 return_lse=True, backend=backend, **masks)
                 o, l = o.to(compute), l.to(compute)
                 if out[qi] is None:
                     out[qi], lse[qi] = o, l
@@ -139,26 +169,32 @@ class _RingAttention(torch.autograd.Function):
                 kv = collectives.ring_exchange(list(kv), group)
         out_full = torch.cat(out, dim=1)
         lse_full = torch.cat(lse, dim=2)
-        ctx.save_for_backward(q, k, v, out_full, lse_full)
+        ctx.save_for_backward(q, k, v, out_full, lse_full, doc)
         ctx.group, ctx.backend, ctx.scale = group, backend, scale
         return out_full.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, doc = ctx.saved_tensors
         group, cp, me = ctx.group, dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
         compute = out.dtype
         block_grads = (_flash_block_grads if ctx.backend == "flash_attn" else _recomputed_block_grads)(
             q, dout, out, lse, ctx.backend, ctx.scale)
         dq = [torch.zeros_like(c, dtype=compute) for c in q.chunk(2, dim=1)]
-        kv = (k, v)
+        chunk = dq[0].shape[1]
+        doc_q = doc.chunk(2, dim=1) if doc is not None else None
+        kv = (k, v) if doc is None else (k, v, doc)
         dkv = (torch.zeros_like(k, dtype=compute), torch.zeros_like(v, dtype=compute))
         for step in range(cp):
             source = (me - step) % cp
             k_chunks, v_chunks = kv[0].chunk(2, dim=1), kv[1].chunk(2, dim=1)
+            doc_k = kv[2].chunk(2, dim=1) if doc is not None else None
             dk_chunks, dv_chunks = dkv[0].chunk(2, dim=1), dkv[1].chunk(2, dim=1)
             for qi, ki, causal in _pairs(cp, me, source):
-                dq_b, dk_b, dv_b = block_grads(qi, k_chunks[ki], v_chunks[ki], causal)
+                masks = _block_masks(cp, me, source, qi, ki, chunk, doc_q, doc_k)
+                if masks is None:
+                    continue
+                dq_b, dk_b, dv_b = block_grads(qi, k_chunks[ki], v_chunks[ki], causal, **masks)
                 dq[qi] += dq_b
                 dk_chunks[ki].add_(dk_b)
                 dv_chunks[ki].add_(dv_b)
@@ -166,7 +202,7 @@ class _RingAttention(torch.autograd.Function):
             if step < cp - 1:
                 kv = collectives.ring_exchange(list(kv), group)
             dkv = tuple(collectives.ring_exchange(list(dkv), group))
-        return torch.cat(dq, dim=1).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return torch.cat(dq, dim=1).to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def _recomputed_block_grads(q, dout, out, lse, backend, scale):
@@ -178,10 +214,10 @@ def _recomputed_block_grads(q, dout, out, lse, backend, scale):
     row_dot = (dout * out).sum(-1).transpose(1, 2)  # (batch, heads, seq)
     q_chunks, douts, lses, row_dots = q.chunk(2, dim=1), dout.chunk(2, dim=1), lse.chunk(2, dim=2), row_dot.chunk(2, dim=2)
 
-    def grads(qi, k_block, v_block, causal):
+    def grads(qi, k_block, v_block, causal, **masks):
         qb, kb, vb = (t.detach().requires_grad_() for t in (q_chunks[qi], k_block, v_block))
         with torch.enable_grad():
-            o, l = attention(qb, kb, vb, causal=causal, softmax_scale=scale, return_lse=True, backend=backend)
+            o, l = attention(qb, kb, vb, causal=causal, softmax_scale=scale, return_lse=True, backend=backend, **masks)
             weight = torch.exp(l.to(compute) - lses[qi])  # (batch, heads, seq_chunk)
             d_o = douts[qi] * weight.transpose(1, 2).unsqueeze(-1)
             d_l = weight * ((douts[qi] * o.to(compute)).sum(-1).transpose(1, 2) - row_dots[qi])
@@ -202,18 +238,24 @@ def _flash_block_grads(q, dout, out, lse, backend, scale):
     douts = dout.to(q.dtype).chunk(2, dim=1)
     lses = [part.float().contiguous() for part in lse.chunk(2, dim=2)]  # flash-attn reads it as contiguous float32
 
-    def grads(qi, k_block, v_block, causal):
+    def grads(qi, k_block, v_block, causal, **masks):
+        assert not masks, "flash_attn is passed over for masked attention"
         dq, dk, dv = flash_attn_backward(douts[qi], q_chunks[qi], k_block, v_block, outs[qi], lses[qi], causal, scale)
         return dq.to(out.dtype), dk.to(out.dtype), dv.to(out.dtype)
     return grads
 
 
-def ring_attention(q, k, v, group, backend: str | None = "auto", softmax_scale: float | None = None):
+def ring_attention(q, k, v, group, backend: str | None = "auto", softmax_scale: float | None = None, doc=None):
     """Causal attention over a zigzag-split sequence. q: (batch, 2*chunk, heads, head_dim) and
-    k, v: (batch, 2*chunk, kv_heads, head_dim) hold this rank's two chunks; returns out like q."""
+    k, v: (batch, 2*chunk, kv_heads, head_dim) hold this rank's two chunks; returns out like q.
+    doc: None, or (batch, 2*chunk) int32, the absolute position at which each of this rank's tokens'
+    document starts (packed documents: a query sees keys of its own document only)."""
     if q.shape[1] % 2:
         raise LongtrainError(f"ring attention needs two equal zigzag chunks per rank, got local length {q.shape[1]}")
-    return _RingAttention.apply(q, k, v, group, backend, softmax_scale)
+    if doc is not None and (doc.dtype != torch.int32 or tuple(doc.shape) != tuple(q.shape[:2])):
+        raise LongtrainError(f"ring attention: doc must be int32 of shape (batch, local seq) = {tuple(q.shape[:2])}, "
+                             f"got {doc.dtype} {tuple(doc.shape)}")
+    return _RingAttention.apply(q, k, v, group, backend, softmax_scale, doc)
 
 
 # ---- Mamba: conv history and scan state across ranks ----

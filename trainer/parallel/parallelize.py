@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from longtrain.trainer.engine import bound_gradient_reduction, build_optimizer, deepspeed_config
+from longtrain.trainer.errors import LongtrainError
 from longtrain.trainer.faults import nonfinite_loss_poisons_gradients
 from longtrain.trainer.model.decoder import Decoder
 from longtrain.trainer.model.init import build_decoder, initialize
@@ -76,8 +77,10 @@ class ParallelLM(nn.Module):
         self.decoder = decoder
         self.mesh = mesh
 
-    def forward(self, tokens, targets):
-        return parallel_linear_loss(self.decoder.hidden(tokens), head_weight(self.decoder), targets, self.mesh)
+    def forward(self, tokens, targets, positions=None):
+        """positions: optional (batch, seq) in-document positions of packed documents (this rank's slice)."""
+        return parallel_linear_loss(self.decoder.hidden(tokens, positions), head_weight(self.decoder), targets,
+                                    self.mesh)
 
 
 class ParallelRun:
@@ -104,21 +107,24 @@ class ParallelRun:
     def prepare(self, micro_batches: list[tuple]) -> list[tuple]:
         """This data-parallel rank's micro-batches of one step ((tokens, targets), each (batch, seq))
         -> what this rank feeds the engine: the pipeline's parallel.micro_batches equal pieces of the
-        same sequences when pp > 1, each cut to this cp rank's zigzag slice of the sequence."""
+        same sequences when pp > 1, each cut to this cp rank's zigzag slice of the sequence. A third tensor,
+        the in-document positions of documents packing, is cut like the tokens."""
+        if self.mesh.pp > 1 and any(len(batch) > 2 for batch in micro_batches):
+            raise LongtrainError("data.packing=documents does not work with parallel.pp > 1 yet; use data.packing=concat")
         if self.mesh.pp > 1:
             tokens = torch.cat([t for t, _ in micro_batches])
             targets = torch.cat([t for _, t in micro_batches])
             micro_batches = list(zip(tokens.chunk(self.parallel.micro_batches), targets.chunk(self.parallel.micro_batches)))
         cp, cp_rank = self.mesh.cp, self.mesh.coordinates["cp"]
-        return [(zigzag_split(t, cp, cp_rank), zigzag_split(y, cp, cp_rank)) for t, y in micro_batches]
+        return [tuple(zigzag_split(t, cp, cp_rank) for t in batch) for batch in micro_batches]
 
     def train_step(self, batches: list[tuple]) -> float:
         """One optimizer step over this rank's prepared micro-batches; the global mean loss (every rank)."""
         if self.mesh.pp > 1:
             return float(self.engine.train_batch(iter(batches)))
         losses = []
-        for tokens, targets in batches:
-            loss = self.engine(tokens, targets)
+        for tokens, targets, *positions in batches:
+            loss = self.engine(tokens, targets, *positions)
             self.engine.backward(nonfinite_loss_poisons_gradients(loss))
             self.engine.step()
             losses.append(loss.detach())
@@ -135,12 +141,12 @@ class ParallelRun:
             # stages: eval batches of micro_batch_size sequences and training micro-batches of another
             # size must each start over (a later stage otherwise read a 2-sequence buffer for 1 sequence).
             self.engine.reset_activation_shape()
-        for tokens, targets, weight in batches:
-            (tokens, targets), = self.prepare_eval(tokens, targets)
+        for tokens, targets, weight, *positions in batches:
+            (tokens, targets, *positions), = self.prepare_eval(tokens, targets, *positions)
             if self.mesh.pp > 1:
                 loss = self.engine.eval_batch(iter([(tokens, targets)]), num_micro_batches=1)
             else:
-                loss = self.module(tokens, targets)
+                loss = self.module(tokens, targets, *positions)
             total[0] += weight * loss.detach().double().reshape(())  # the pipeline returns shape (1,)
             total[1] += weight
         if self.mesh.pp > 1:
@@ -151,9 +157,9 @@ class ParallelRun:
         collectives.all_reduce(total, group=self.mesh.dp_cp_group)
         return (total[0] / total[1]).item()
 
-    def prepare_eval(self, tokens, targets):
+    def prepare_eval(self, tokens, targets, *positions):
         cp, cp_rank = self.mesh.cp, self.mesh.coordinates["cp"]
-        return [(zigzag_split(tokens, cp, cp_rank), zigzag_split(targets, cp, cp_rank))]
+        return [tuple(zigzag_split(t, cp, cp_rank) for t in (tokens, targets, *positions))]
 
     def _mean(self, loss: torch.Tensor) -> float:
         """Average over dp x cp: equal token counts on every rank, so the mean over all tokens."""
