@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from longtrain.trainer.errors import LongtrainError
+from longtrain.trainer.memory import return_freed_memory
 from longtrain.trainer.parallel import collectives
 
 
@@ -90,6 +91,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     its store (`_local_store`) and gloo's / NCCL's sockets (`loopback_socket_env`). DeepSpeed's comm
     backend starts on it.
     """
+    return_freed_memory()  # before the model exists (trainer/memory.py)
     if dist.is_initialized():
         # The launcher's group is the truth for rank and world, whatever the environment says.
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -137,9 +139,10 @@ def device_for(local_rank: int) -> torch.device:
 
 # Bounds on what DeepSpeed gathers or flattens at once, in elements (its defaults, 5e8 and 1e9, are 2-4 GB of
 # float32 per rank whatever the model: one flat copy of every gradient of a 0.4B model, or all of ZeRO-3's
-# parameters gathered and kept). 5e7 elements (200 MB in float32) per bucket; ZeRO-3 keeps at most 5e7
-# gathered parameters and releases a parameter that is not used again within 5e7.
-BUCKET_ELEMENTS = 50_000_000
+# parameters gathered and kept). 1e7 elements (40 MB in float32) per bucket; ZeRO-3 keeps at most 1e7
+# gathered parameters beyond the layer it runs and releases a parameter not used again within 1e7 (a
+# 0.4B model at dp=2: 0.56 GiB less per rank than with 5e7).
+BUCKET_ELEMENTS = 10_000_000
 ZERO_BUCKETS = {"reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": BUCKET_ELEMENTS,
                 "stage3_prefetch_bucket_size": BUCKET_ELEMENTS, "stage3_max_live_parameters": BUCKET_ELEMENTS,
                 "stage3_max_reuse_distance": BUCKET_ELEMENTS}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from longtrain.trainer.engine import BUCKET_ELEMENTS
 from longtrain.trainer.errors import LongtrainError
 from longtrain.trainer.model.layers import Linears
 
@@ -136,6 +137,9 @@ def check_layout(recipe, world_size: int | None) -> Layout:
     check_context_parallel(recipe, layout.cp)
     check_batch(recipe, layout)
     return layout
+
+
+RUNTIME_BYTES = 0.35 * 2**30  # measured: a training process's resident memory before its model (CPU, gloo)
 
 
 # ---- parameters, from the model code itself on the meta device ----
@@ -314,7 +318,9 @@ def build_plan(recipe, world_size: int | None = None) -> Plan:
     bounds = partition(costs, layout.pp)
     total_params = sum(dense[c] for c in m.pattern) + m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
     bytes_per_element = 2 if t.bf16 else 4
-    optimizer_bytes = 12 if t.bf16 else 8
+    # Adam's two moments, and a float32 master copy: under bf16, and under ZeRO 1-3 in float32 too
+    # (DeepSpeed's ZeRO optimizers step a float32 copy of their partition, apart from the module's weights).
+    optimizer_bytes = 12 if t.bf16 or recipe.parallel.zero_stage >= 1 else 8
     zero_group = layout.dp * layout.cp
     sequences = (t.micro_batch_size * t.grad_accum // recipe.parallel.micro_batches if layout.pp > 1
                  else t.micro_batch_size)  # per forward pass
@@ -352,8 +358,12 @@ def stage_memory(recipe, layout, stage, index, tokens, bytes_per_element, optimi
     activations = stored * in_flight
     if index == layout.pp - 1:  # float32 logits and their gradient, on the vocab shard
         activations += 2 * tokens * (m.vocab_size // layout.tp) * 4
-    total = weights + grads + optimizer + activations
-    return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations, "total": total}
+    # The process itself (interpreter, torch, DeepSpeed: 0.3 GiB resident on CPU), and what DeepSpeed holds
+    # beyond the partitions: a reduce bucket under ZeRO 1-3, ZeRO-3's gathered and prefetched parameters.
+    runtime = RUNTIME_BYTES + (BUCKET_ELEMENTS * 4 if zero >= 1 else 0) + (2 * BUCKET_ELEMENTS * bytes_per_element if zero >= 3 else 0)
+    total = weights + grads + optimizer + activations + runtime
+    return {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations, "runtime": runtime,
+            "total": total}
 
 
 def format_bytes(count: float) -> str:
@@ -402,7 +412,7 @@ def format_plan(recipe, plan: Plan, max_rank_lines: int = 64) -> str:
                      f"cost {100 * s.cost / total_cost:.1f}% | params/rank {s.params / 1e6:.1f} M | "
                      f"weights {mem['weights'] / GIB:.2f} grads {mem['grads'] / GIB:.2f} "
                      f"optimizer {mem['optimizer'] / GIB:.2f} activations {mem['activations'] / GIB:.2f} "
-                     f"= {mem['total'] / GIB:.2f}")
+                     f"runtime {mem['runtime'] / GIB:.2f} = {mem['total'] / GIB:.2f}")
     lines.append(f"largest estimated memory per rank: {plan.max_memory_bytes / GIB:.2f} GiB")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
