@@ -29,7 +29,7 @@ GIB = 1 << 30
 LAYOUTS = {  # name -> (processes, recipe overrides)
     "1": (1, []),
     "tp2": (2, ["parallel.tp=2"]),
-    "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.micro_batches=1"]),
+    "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.micro_batches=2"]),
     "dp4-zero3": (4, ["parallel.zero_stage=3"]),
 }
 LIMITS = {"tp2": 0.6, "tp2pp2": 0.35, "dp4-zero3": 0.4}  # the most each rank may hold, against one process
