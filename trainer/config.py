@@ -136,6 +136,11 @@ class ModelConfig(Section):
     rope_scaling: RopeScalingConfig = Field(RopeScalingConfig(type="linear", factor=1.0),
                                             description="RoPE length extension: {type: linear|ntk|dynamic|yarn|"
                                             "llama3, factor: F, ...}; a bare number F means {type: linear, factor: F}")
+    attention_window: Int | None = Field(None, gt=0, description="sliding-window attention: each query sees "
+                                         "the last N tokens of its document, itself included (flash-attn's "
+                                         "window_size=(N-1, 0)); unset: full causal attention")
+    attention_sinks: Int = Field(0, ge=0, description="with model.attention_window: the first N tokens of each "
+                                 "document stay visible to every later query (StreamingLLM's attention sinks)")
     tie_embeddings: bool = True
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
@@ -333,6 +338,21 @@ def check_heads(r: Recipe) -> None:
         raise ValueError(f"head dim model.d_model/model.n_heads={m.head_dim} must be even for rotary embeddings")
 
 
+def check_window(r: Recipe) -> None:
+    m = r.model
+    if m.attention_window is None:
+        if m.attention_sinks:
+            raise ValueError(f"model.attention_sinks={m.attention_sinks} needs model.attention_window (sinks are the "
+                             "tokens kept visible beyond the window)")
+        return
+    if m.attention_window > r.data.seq_len:
+        raise ValueError(f"model.attention_window={m.attention_window} is larger than data.seq_len={r.data.seq_len}: "
+                         "such a window is full causal attention; unset model.attention_window or lower it")
+    if r.parallel.cp > 1:
+        raise ValueError(f"model.attention_window={m.attention_window} with parallel.cp={r.parallel.cp}: ring attention "
+                         "does not take a window yet; use parallel.cp=1 or unset model.attention_window")
+
+
 def check_vocab(r: Recipe) -> None:
     if r.data.task == "text" and r.data.tokenizer.path is None and r.data.tokenizer.vocab_size > r.model.vocab_size:
         raise ValueError(f"data.tokenizer.vocab_size={r.data.tokenizer.vocab_size} exceeds "
@@ -383,7 +403,8 @@ def packing(r: Recipe) -> str:
     return r.data.packing or ("concat" if r.parallel.pp > 1 else "documents")
 
 
-CHECKS = [check_pattern, check_heads, check_mlp_width, check_vocab, check_task_vocab, check_ode_zero3, check_packing]
+CHECKS = [check_pattern, check_heads, check_mlp_width, check_vocab, check_task_vocab, check_ode_zero3, check_packing,
+          check_window]
 
 
 # ---- loading ----

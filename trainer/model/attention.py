@@ -25,6 +25,9 @@ class Attention(nn.Module):
         self.heads = linears.local(cfg.n_heads, "model.n_heads")
         self.kv_heads = linears.local(cfg.n_kv_heads, "model.n_kv_heads")
         self.theta, self.scaling = cfg.rope_theta, cfg.rope_scaling
+        window = getattr(cfg, "attention_window", None)
+        # flash-attn's window_size: the query itself and window - 1 keys before it; sinks stay visible
+        self.masks = {} if window is None else {"window": (window - 1, 0), "sinks": cfg.attention_sinks}
         self.backend = backend
         self.q = linears.column(cfg.d_model, cfg.n_heads * cfg.head_dim)
         self.k = linears.column(cfg.d_model, cfg.n_kv_heads * cfg.head_dim)
@@ -39,8 +42,8 @@ class Attention(nn.Module):
     def _local_attend(self, q, k, v, doc=None):
         """doc: None, or (batch, seq) int32 document start of every token (queries and keys alike)."""
         if doc is None:
-            return attention(q, k, v, causal=True, backend=self.backend)
-        return attention(q, k, v, causal=True, backend=self.backend, doc_q=doc, doc_k=doc)
+            return attention(q, k, v, causal=True, backend=self.backend, **self.masks)
+        return attention(q, k, v, causal=True, backend=self.backend, doc_q=doc, doc_k=doc, **self.masks)
 
     def forward(self, x, positions=None, state=None):
         """x: (batch, seq, d_model); positions: optional (batch, seq) in-document positions of packed
@@ -81,6 +84,6 @@ class Attention(nn.Module):
                 k, v = torch.cat([state["k"], k], dim=1), torch.cat([state["v"], v], dim=1)
             state["k"], state["v"] = k, v
             # Bottom-right aligned causal mask: the new queries see every cached key.
-            return self.out(attention(q, k, v, causal=True, backend=self.backend).reshape(batch, seq, -1))
+            return self.out(attention(q, k, v, causal=True, backend=self.backend, **self.masks).reshape(batch, seq, -1))
         out = self.attend(q, k, v) if doc is None else self.attend(q, k, v, doc=doc)
         return self.out(out.reshape(batch, seq, self.heads * self.head_dim))
