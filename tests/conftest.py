@@ -55,3 +55,14 @@ def tiny(tmp_path):
     """(recipe dict, path of its YAML file) for a tiny run under tmp_path."""
     recipe = tiny_recipe(tmp_path / "run")
     return recipe, write_recipe(tmp_path / "tiny.yaml", recipe)
+
+
+@pytest.fixture(scope="module")
+def restore_environment():
+    """In-process runs set torchrun's variables (RANK, MASTER_PORT, ...) for their one-process group, which
+    stays for the session (DeepSpeed keeps its handle); later tests and CLI runs must not inherit them. A
+    module that trains in-process uses it for all its tests: pytestmark = pytest.mark.usefixtures(...)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -15,6 +15,7 @@ import torch
 from longtrain.kernels import attention as attention_module
 from longtrain.kernels.attention import attention, visibility
 from longtrain.kernels.extension import extension
+from test_kernels_attention import run as run_backend
 
 pytestmark = pytest.mark.skipif(extension() is None, reason="extension longtrain.kernels._C not built")
 
@@ -39,17 +40,8 @@ def document_starts(batch_lengths):
 
 
 def run(leaves, backend, cotangents, masks):
-    leaves = [x.detach().requires_grad_() for x in leaves]
-    if callable(backend):
-        out, lse = backend(*leaves, **masks)
-    else:
-        out, lse = attention(*leaves, return_lse=True, backend=backend, **masks)
-    finite = torch.isfinite(lse)
-    loss = (out.double() * cotangents[0]).sum() + (lse.double().where(finite, 0) * cotangents[1]).sum()
-    loss.backward()
-    results = {"out": out, "lse": lse.where(finite, 0), "dq": leaves[0].grad, "dk": leaves[1].grad,
-               "dv": leaves[2].grad}
-    return {name: x.double() for name, x in results.items()}, finite
+    masks = dict(masks)
+    return run_backend(*leaves, lambda x: x, backend, masks.pop("causal", False), cotangents, **masks)
 
 
 def check(batch, seq_q, seq_k, heads, kv_heads, dim, dtype, seed, bf16_products=False, **masks):

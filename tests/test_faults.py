@@ -17,14 +17,7 @@ from conftest import read_metrics, tiny_recipe, write_recipe
 from parallel_harness import _free_port, run_ranks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_environment():
-    """In-process runs set torchrun's variables (RANK, MASTER_PORT, ...) for their one-process group,
-    which stays for the session (DeepSpeed keeps its handle); later CLI runs must not inherit them."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environment")  # conftest.py
 
 
 def _poisoned_loss(bad_steps: dict):

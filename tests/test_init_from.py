@@ -5,7 +5,6 @@ The oracle is the source run's own files: its one-process rank file holds the de
 parameter the new run starts with (under its own layout) must equal its slice of that, bit for bit. Refusals
 come before any process group or model exists and name the field with both values.
 """
-import os
 import shutil
 from pathlib import Path
 
@@ -19,13 +18,7 @@ from parallel_harness import run_ranks
 SOURCE_STEPS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_environment():
-    """In-process runs set torchrun's variables for their one-process group; later tests must not inherit them."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environment")  # conftest.py
 
 
 def _recipe(run_dir, init_from=None, seq_len=32, model=None, train=None, parallel=None, checkpoint=None):

@@ -29,12 +29,14 @@ pytestmark = pytest.mark.skipif(
     reason="extension longtrain.kernels._C not built")
 
 
-def run(q, k, v, cast, backend, causal, cotangents):
+def run(q, k, v, cast, backend, causal, cotangents, **masks):
+    """out, lse and the q/k/v gradients (float64) of one backend for the given cotangents; masks: window,
+    sinks, doc_q/doc_k, q_start/k_start (tests/test_attention_masks.py)."""
     leaves = [cast(x).detach().requires_grad_() for x in (q, k, v)]
     if callable(backend):
-        out, lse = backend(*leaves, causal=causal)
+        out, lse = backend(*leaves, causal=causal, **masks)
     else:
-        out, lse = attention(*leaves, causal=causal, return_lse=True, backend=backend)
+        out, lse = attention(*leaves, causal=causal, return_lse=True, backend=backend, **masks)
     finite = torch.isfinite(lse)
     # Rows that see no key have lse = -inf; they carry no lse gradient.
     loss = (out.double() * cotangents[0]).sum() + (lse.double().where(finite, 0) * cotangents[1]).sum()

@@ -6,7 +6,6 @@ run directory. Refusals come before any model or process group exists, so most t
 """
 import errno
 import json
-import os
 import pickle
 import re
 import shutil
@@ -22,13 +21,7 @@ from longtrain.trainer.errors import LongtrainError
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_environment():
-    """In-process runs set torchrun's variables for their one-process group; later tests must not inherit them."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_environment")  # conftest.py
 
 
 def _recipe(run_dir, **sections):
