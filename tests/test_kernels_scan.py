@@ -110,27 +110,32 @@ def test_scan_long_sequence(dtype):
     check_against_gold(inputs, dtype, softplus=True, seed=11)
 
 
+def piecewise_grads(inputs, cotangent, pieces, reset=None):
+    """The csrc scan run over consecutive pieces of the sequence, each from the previous piece's final state:
+    [output] + the gradients of NAMES for the loss <out, cotangent> + sum(final state)."""
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    state, outs, start = leaves["initial_state"], [], 0
+    for length in pieces:
+        part = slice(start, start + length)
+        out, state = scan.selective_scan(
+            leaves["u"][..., part], leaves["delta"][..., part], leaves["A"], leaves["B"][..., part],
+            leaves["C"][..., part], D=leaves["D"], z=leaves["z"][..., part], delta_bias=leaves["delta_bias"],
+            delta_softplus=True, return_last_state=True, initial_state=state, backend="csrc",
+            reset=None if reset is None else reset[:, part])
+        outs.append(out)
+        start += length
+    out = torch.cat(outs, dim=-1)
+    (out * cotangent).sum().add_(state.sum()).backward()
+    return [out] + [leaves[k].grad for k in NAMES]
+
+
 def test_chunked_scan_equals_full_scan():
     """Scanning in pieces, each starting from the previous piece's final state, is the full scan."""
     inputs = make_inputs(2, 6, 16, 301, torch.float32, with_state=True, with_extras=True, seed=5)
     cotangent = torch.randn(2, 6, 301, generator=torch.Generator().manual_seed(6))
 
-    def grads(pieces):
-        leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
-        state, outs, start = leaves["initial_state"], [], 0
-        for length in pieces:
-            part = slice(start, start + length)
-            out, state = scan.selective_scan(
-                leaves["u"][..., part], leaves["delta"][..., part], leaves["A"], leaves["B"][..., part],
-                leaves["C"][..., part], D=leaves["D"], z=leaves["z"][..., part], delta_bias=leaves["delta_bias"],
-                delta_softplus=True, return_last_state=True, initial_state=state, backend="csrc")
-            outs.append(out)
-            start += length
-        out = torch.cat(outs, dim=-1)
-        (out * cotangent).sum().add_(state.sum()).backward()
-        return [out] + [leaves[k].grad for k in NAMES]
 
-    full, chunked = grads([301]), grads([100, 1, 128, 72])
+    full, chunked = (piecewise_grads(inputs, cotangent, pieces) for pieces in ([301], [100, 1, 128, 72]))
     for name, a, b in zip(["out"] + NAMES, full, chunked):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
@@ -221,23 +226,8 @@ def test_pieces_with_state_passing_equal_one_scan_with_resets():
     inputs = make_inputs(2, 6, 16, seq, torch.float32, with_state=True, with_extras=True, seed=31)
     cotangent = torch.randn(2, 6, seq, generator=torch.Generator().manual_seed(32))
 
-    def grads(pieces):
-        leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
-        state, outs, start = leaves["initial_state"], [], 0
-        for length in pieces:
-            part = slice(start, start + length)
-            out, state = scan.selective_scan(
-                leaves["u"][..., part], leaves["delta"][..., part], leaves["A"], leaves["B"][..., part],
-                leaves["C"][..., part], D=leaves["D"], z=leaves["z"][..., part], delta_bias=leaves["delta_bias"],
-                delta_softplus=True, return_last_state=True, initial_state=state, backend="csrc",
-                reset=reset[:, part])
-            outs.append(out)
-            start += length
-        out = torch.cat(outs, dim=-1)
-        (out * cotangent).sum().add_(state.sum()).backward()
-        return [out] + [leaves[k].grad for k in NAMES]
 
-    full, pieces = grads([seq]), grads([100, 1, 128, 72])
+    full, pieces = (piecewise_grads(inputs, cotangent, p, reset) for p in ([seq], [100, 1, 128, 72]))
     for name, a, b in zip(["out"] + NAMES, full, pieces):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     for b, row in enumerate(starts):
