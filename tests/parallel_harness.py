@@ -47,3 +47,26 @@ def run_ranks(fn, world: int, args: tuple = (), timeout_s: float = 240.0, deepsp
         mp.start_processes(_worker, args=(fn, world, _free_port(), out_dir, args, timeout_s, deepspeed), nprocs=world,
                            join=True, start_method="spawn")
         return [torch.load(Path(out_dir) / f"{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def split_decoder_pairs(model, world: int, rank: int, group, seq: int, vocab: int = 64):
+    """A float64 Decoder against its context-parallel copy on this rank's zigzag slice: the same tokens and
+    output weights on every rank (seeded by the caller). Returns (tokens, full logits, [(what, split value,
+    unsplit value)]): the rank's logits, then every parameter's gradient summed over the ranks."""
+    import copy
+
+    from longtrain.trainer.parallel.context import apply_context_parallel, zigzag_split
+
+    split_model = apply_context_parallel(copy.deepcopy(model), group)
+    tokens = torch.randint(0, vocab, (2, seq))
+    weights = torch.randn(2, seq, vocab, dtype=torch.float64)
+    logits = model(tokens)
+    (logits * weights).sum().backward()
+    local_logits = split_model(zigzag_split(tokens, world, rank))
+    (local_logits * zigzag_split(weights, world, rank)).sum().backward()
+    pairs = [("logits", local_logits, zigzag_split(logits, world, rank))]
+    for (name, p), p_split in zip(model.named_parameters(), split_model.parameters()):
+        grad = p_split.grad.clone()
+        dist.all_reduce(grad)  # each rank holds the gradient of its own tokens' share of the loss
+        pairs.append((name, grad, p.grad))
+    return tokens, logits, pairs

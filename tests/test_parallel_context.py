@@ -1,7 +1,6 @@
 """Context parallelism at cp=2 and cp=4 on gloo: ring attention (GQA), the Mamba scan and conv, and a
 whole A/M/O/F decoder over a zigzag-split sequence equal the unsplit computation in one process,
 forward and backward, in float64."""
-import copy
 
 import pytest
 import torch
@@ -9,10 +8,10 @@ import torch.distributed as dist
 
 from longtrain.trainer.config import ModelConfig
 from longtrain.trainer.errors import LongtrainError
-from longtrain.trainer.parallel.context import (apply_context_parallel, ring_attention, zigzag_merge,
+from longtrain.trainer.parallel.context import (ring_attention, zigzag_merge,
                                                 zigzag_positions, zigzag_split)
 
-from parallel_harness import run_ranks
+from parallel_harness import run_ranks, split_decoder_pairs
 
 TOL = 1e-10  # float64: the split computation differs from the unsplit one only by rounding order
 # RMSNorm and Mamba's A_log, D, dt_bias cast to float32 inside the model, so those parameter gradients
@@ -59,18 +58,9 @@ def _check(rank, world, seq):
     # 2. the whole decoder (A, M, O, F): logits and every parameter gradient
     from longtrain.trainer.model.decoder import Decoder
     model = Decoder(_config()).double()
-    split_model = apply_context_parallel(copy.deepcopy(model), group)
-    tokens = torch.randint(0, 64, (2, seq))
-    weights = torch.randn(2, seq, 64, dtype=torch.float64)
-    logits = model(tokens)
-    (logits * weights).sum().backward()
-    local_logits = split_model(zigzag_split(tokens, world, rank))
-    (local_logits * zigzag_split(weights, world, rank)).sum().backward()
-    errors["decoder logits"] = _max_err(local_logits, zigzag_split(logits, world, rank))
-    for (name, p), p_split in zip(model.named_parameters(), split_model.parameters()):
-        grad = p_split.grad.clone()
-        dist.all_reduce(grad)  # each rank holds the gradient of its own tokens' share of the loss
-        errors[f"grad {name}"] = _max_err(grad, p.grad)
+    _, _, pairs = split_decoder_pairs(model, world, rank, group, seq)
+    for name, split, unsplit in pairs:
+        errors["decoder logits" if name == "logits" else f"grad {name}"] = _max_err(split, unsplit)
     return errors
 
 

@@ -3,7 +3,7 @@
 Two kinds of values cross ranks:
 - tensors of the training path (losses, gradients, activations, token counts, gradient norms) stay on
   the compute device and go over the group the work belongs to: `all_reduce`, `all_gather`,
-  `ring_exchange`, `gather_object`;
+  `ring_exchange`, `exchange`, `gather_object`;
 - control values (a stop flag, a resume path decision) are Python numbers: `agree_any` / `agree_all`
   send them as CPU tensors over the control group, a gloo group beside NCCL on GPU runs (the default
   group itself on CPU runs, which is gloo already).
@@ -101,6 +101,16 @@ def ring_exchange(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
     for work in dist.batch_isend_irecv(ops):
         work.wait()
     return received
+
+
+def exchange(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]], group) -> None:
+    """Point-to-point, all at once: send each (tensor, group rank) and fill each (buffer, group rank) from that
+    rank. Between two ranks, the sender lists its tensors in the order the receiver lists its buffers."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, r), group) for t, r in sends]
+    ops += [dist.P2POp(dist.irecv, b, dist.get_global_rank(group, r), group) for b, r in receives]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
 
 def gather_object(obj, destination: int = 0) -> list | None:
