@@ -1,6 +1,7 @@
 """`longtrain eval` and `longtrain generate`: use a trained checkpoint.
 
-    longtrain eval CKPT [--task perplexity|passkey|mqar] [--lengths 1x,2x,4x | 256,512,1024] [--samples N]
+    longtrain eval CKPT [--task perplexity|passkey|mqar|streaming] [--lengths 1x,2x,4x | 256,512,1024] [--samples N]
+                        [--window N --sinks K  (streaming's cache: the first K tokens and the last N)]
     longtrain generate CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]
 CKPT is a checkpoint directory, a run's checkpoints/ directory or the run directory (newest complete
 checkpoint). Eval writes <run>/eval/<task>.json and <task>.png (or under --out). For a model trained on a synthetic
@@ -41,6 +42,13 @@ def _check_lengths(text: str | None, train_length: int, fix: str) -> list[int]:
 def check_eval_args(args) -> None:
     """Refuse bad `longtrain eval` options before the checkpoint is loaded."""
     _positive(args, "samples", "batch_size", "threads")
+    if args.sinks is not None and args.sinks < 0:
+        raise LongtrainError(f"--sinks {args.sinks}: must be >= 0 (the first tokens kept in the cache; 0 for none)")
+    if args.window is not None and args.window < 1:
+        raise LongtrainError(f"--window {args.window}: must be >= 1 (the last tokens kept, the current one among them)")
+    if (args.window is not None or args.sinks is not None) and args.task != "streaming":
+        raise LongtrainError("--window / --sinks set the cache of --task streaming; this is --task "
+                             f"{args.task or 'default'}")
     _check_lengths(args.lengths, 1 << 30, "a length must be a positive number of tokens")  # "0", "0k", "0x"
     if args.out:
         check_writable_dir(Path(args.out), f"--out {args.out!r}")
@@ -76,22 +84,37 @@ def cmd_eval(args) -> int:
     if not args.out:
         check_writable_dir(out_dir, f"the results directory {str(out_dir)!r} (pass --out to choose another)")
     start = time.perf_counter()
-    results = evaluate(model, recipe, run_dir, task, lengths, samples=args.samples, batch_size=args.batch_size)
+    results = evaluate(model, recipe, run_dir, task, lengths, samples=args.samples, batch_size=args.batch_size,
+                       sinks=args.sinks, window=args.window)
     results["checkpoint"] = str(found)
     try:
         json_path, png_path = write_results(results, out_dir)
     except OSError as e:
         raise LongtrainError(f"--out {str(out_dir)!r}: cannot write the results ({e.strerror or e})") from None
     print(f"eval {task} | {found} | training length {recipe.data.seq_len} | {time.perf_counter() - start:.1f} s")
+    if task == "streaming":
+        full = results["full_attention"]
+        print(f"  cache {results['sinks']} sinks + window {results['window']} = {results['cache_tokens']} tokens "
+              f"per attention block | full attention at {full['length']} tokens: perplexity {full['perplexity']:.2f}")
     for length, entry in results["lengths"].items():
         ratio = f"{length / recipe.data.seq_len:g}x"
-        if task == "perplexity":
+        if task == "streaming":
+            sinks, window = entry["with_sinks"], entry["window_only"]
+            print(f"  {length:>7} tokens ({ratio:>5}) | with sinks: perplexity {sinks['perplexity']:.2f} "
+                  f"({sinks['perplexity'] / full['perplexity']:.3f} x full 1x), last {recipe.data.seq_len} tokens "
+                  f"{sinks['tail_perplexity']:.2f} | window only: perplexity {window['perplexity']:.2f} "
+                  f"({window['perplexity'] / full['perplexity']:.3f}), last {window['tail_perplexity']:.2f} | "
+                  f"full attention: {entry['full_attention']['perplexity']:.2f}")
+        elif task == "perplexity":
             print(f"  {length:>7} tokens ({ratio:>5}) | loss {entry['loss']:.4f} | perplexity {entry['perplexity']:.2f}")
         else:
             depths = " ".join(f"{float(d):.2f}:{100 * a:.0f}%" for d, a in entry.get("by_depth", {}).items())
             print(f"  {length:>7} tokens ({ratio:>5}) | accuracy {100 * entry['sample_accuracy']:.1f}% of samples, "
                   f"{100 * entry['token_accuracy']:.1f}% of answer tokens"
                   + (f" | by depth {depths}" if depths else ""))
+    if task == "streaming":
+        print("  streamed " + ", ".join(f"{name.replace('_', ' ')} {speed:.0f} tokens/s"
+                                         for name, speed in results["streamed_tokens_per_s"].items()))
     print(f"  -> {json_path}, {png_path}")
     return 0
 
@@ -137,15 +160,24 @@ def cmd_generate(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity by position, passkey or MQAR accuracy by length")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity by position, passkey or MQAR accuracy by "
+                       "length, streaming perplexity by length")
     p.add_argument("checkpoint", help="checkpoint directory, or a run / checkpoints directory (newest checkpoint)")
-    p.add_argument("--task", choices=["perplexity", "passkey", "mqar"], default=None,
-                   help="default: perplexity for text models, else the task the model was trained on")
+    p.add_argument("--task", choices=["perplexity", "passkey", "mqar", "streaming"], default=None,
+                   help="default: perplexity for text models, else the task the model was trained on; streaming: "
+                        "perplexity of text streamed through a constant-memory cache (StreamingLLM), with sinks "
+                        "and window only")
     p.add_argument("--lengths", default=None, help="1x,2x,4x (multiples of the training length) or 256,512 or 4k,16k")
     p.add_argument("--samples", type=int, default=64, help="held-out samples per length")
     p.add_argument("--batch-size", type=int, default=None, help="default: train.micro_batch_size")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="directory for <task>.json and <task>.png (default: <run>/eval)")
+    p.add_argument("--window", type=int, default=None,
+                   help="streaming: the last N tokens kept per attention block, the current one among them "
+                        "(default: model.attention_window, else the training length minus the sinks)")
+    p.add_argument("--sinks", type=int, default=None,
+                   help="streaming: the first K tokens kept (default: model.attention_sinks when the model has a "
+                        "window and sinks, else 4)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample from a checkpoint (KV cache and recurrent state)")

@@ -66,3 +66,13 @@ def restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+def assert_recipe_refused(raw: dict, words: list[str]) -> None:
+    """Loading the recipe dict `raw` fails with a one-line message holding every one of `words`."""
+    from longtrain.trainer.config import recipe_from_dict
+
+    with pytest.raises(Exception) as error:
+        recipe_from_dict(raw)
+    message = str(error.value)
+    assert "\n" not in message.strip() and all(w in message for w in words), message

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
@@ -121,6 +121,19 @@ class RopeScalingConfig(Section):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
+class S2AttnConfig(Section):
+    """model.s2_attn: shifted sparse attention (S²-Attn; Chen et al. 2023, "LongLoRA", arXiv 2309.12307) while
+    training: each query sees the keys of its own group of G tokens (groups start at multiples of G), and half of
+    the heads use groups shifted by G/2 (starting at G/2 + m*G; the first is [0, G/2)), so information crosses
+    group borders through the shifted heads. Rotary positions stay the sequence's own. Evaluation, generation
+    and cached decoding use full attention, as LongLoRA's inference does. Within packed documents a group also
+    ends where its document does. Unlike LongLoRA's roll, the last shifted group does not wrap around to the
+    sequence's first tokens. The shifted heads are those of the odd-numbered kv heads (with all the query heads
+    that share them), which is the same set of heads under every parallel.tp."""
+    group: Int = Field(gt=0, description="tokens per group G: even (the shift is G/2), at least 2, dividing "
+                       "data.seq_len")
+
+
 class ModelConfig(Section):
     pattern: str = "AMOF"
     d_model: Int = Field(128, gt=0)
@@ -141,6 +154,13 @@ class ModelConfig(Section):
                                          "window_size=(N-1, 0)); unset: full causal attention")
     attention_sinks: Int = Field(0, ge=0, description="with model.attention_window: the first N tokens of each "
                                  "document stay visible to every later query (StreamingLLM's attention sinks)")
+    attention_global_every: Int | None = Field(
+        None, gt=0, description="with model.attention_window: every N-th attention layer is full causal, the others "
+        "use the window; attention layers (A blocks, and O blocks with ode.sublayer=attention_mlp) are counted in "
+        "pattern order from 1, and layer n is global when n % N == 0 ((N-1) local then 1 global: Megatron-Core's "
+        "window_attn_skip_freq=N, transformers' Gemma sliding_window_pattern=N); unset: every layer uses the window")
+    s2_attn: S2AttnConfig | None = Field(None, description="LongLoRA's shifted sparse attention in training: "
+                                         "{group: G}; see S2AttnConfig. Unset: full attention")
     tie_embeddings: bool = True
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
@@ -176,6 +196,17 @@ class ModelConfig(Section):
             raise ValueError(f"model.rope_scaling.type={self.rope_scaling.type} needs a head dim "
                              f"model.d_model/model.n_heads above 2, got {self.head_dim}")
         return self
+
+    def attention_layer_window(self, index: int) -> int | None:
+        """The window (tokens a query sees) of the attention in block `index` of the pattern, or None for full
+        causal attention: model.attention_window, except in the global layers of model.attention_global_every."""
+        if self.attention_window is None or self.attention_global_every is None:
+            return self.attention_window
+        number = sum(1 for letter in self.pattern[:index + 1] if self._attends(letter))  # 1-based, as Megatron-Core
+        return None if number % self.attention_global_every == 0 else self.attention_window
+
+    def _attends(self, letter: str) -> bool:
+        return letter == "A" or (letter == "O" and self.ode.sublayer == "attention_mlp")
 
     @property
     def d_inner(self) -> int:
@@ -348,9 +379,33 @@ def check_window(r: Recipe) -> None:
     if m.attention_window > r.data.seq_len:
         raise ValueError(f"model.attention_window={m.attention_window} is larger than data.seq_len={r.data.seq_len}: "
                          "such a window is full causal attention; unset model.attention_window or lower it")
+
+
+def check_global_every(r: Recipe) -> None:
+    m = r.model
+    if m.attention_global_every is not None and m.attention_window is None:
+        raise ValueError(f"model.attention_global_every={m.attention_global_every} needs model.attention_window (the "
+                         "window of the other attention layers); set it, or unset model.attention_global_every")
+
+
+def check_s2_attn(r: Recipe) -> None:
+    m, group = r.model, r.model.s2_attn.group if r.model.s2_attn is not None else None
+    if group is None:
+        return
+    if group < 2 or group % 2:
+        raise ValueError(f"model.s2_attn.group={group} must be even and at least 2 (half the heads shift by group/2)")
+    if r.data.seq_len % group:
+        raise ValueError(f"model.s2_attn.group={group} does not divide data.seq_len={r.data.seq_len}; choose a group "
+                         "that does (LongLoRA: a quarter of the sequence)")
+    if m.attention_window is not None:
+        raise ValueError(f"model.s2_attn with model.attention_window={m.attention_window}: S²-Attn stands in for full "
+                         "attention while training; unset one of them")
+    if m.n_kv_heads % r.parallel.tp == 0 and (m.n_kv_heads // r.parallel.tp) % 2:
+        raise ValueError(f"model.s2_attn needs an even number of kv heads per tensor-parallel rank (half of them shift), "
+                         f"got model.n_kv_heads={m.n_kv_heads} / parallel.tp={r.parallel.tp}")
     if r.parallel.cp > 1:
-        raise ValueError(f"model.attention_window={m.attention_window} with parallel.cp={r.parallel.cp}: ring attention "
-                         "does not take a window yet; use parallel.cp=1 or unset model.attention_window")
+        raise ValueError(f"model.s2_attn with parallel.cp={r.parallel.cp}: ring attention takes one document mask for "
+                         "all heads and S²-Attn needs two; use parallel.cp=1 or unset model.s2_attn")
 
 
 def check_vocab(r: Recipe) -> None:
@@ -404,7 +459,7 @@ def packing(r: Recipe) -> str:
 
 
 CHECKS = [check_pattern, check_heads, check_mlp_width, check_vocab, check_task_vocab, check_ode_zero3, check_packing,
-          check_window]
+          check_window, check_global_every, check_s2_attn]
 
 
 # ---- loading ----
@@ -418,9 +473,12 @@ def _model_fields(cls, loc):
     """The pydantic model class at a dotted location, for suggestions."""
     for part in loc:
         field = cls.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        # an optional section (`S2AttnConfig | None`) suggests from its model
+        kinds = [field.annotation, *get_args(field.annotation)] if field is not None else []
+        sections = [kind for kind in kinds if isinstance(kind, type) and issubclass(kind, BaseModel)]
+        if not sections:
             return None
-        cls = field.annotation
+        cls = sections[0]
     return cls
 
 

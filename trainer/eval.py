@@ -1,15 +1,26 @@
 """Evaluation of a checkpoint: held-out perplexity and loss by token position, passkey retrieval
-accuracy by length and depth, MQAR recall accuracy by length.
+accuracy by length and depth, MQAR recall accuracy by length, streaming perplexity by length.
 
 Lengths are absolute token counts or multiples of the training length ("1x,2x,4x"), so length
 generalization is measured on the same held-out draws the training length sees. Results go to
 <run>/eval/<task>.json, with a plot beside them (<task>.png).
+
+Streaming (StreamingLLM, Xiao et al. 2023): held-out text of each length is fed through the model with
+a constant-memory cache per attention block (trainer/generate.py, `stream_losses`), twice: the first
+`sinks` tokens plus the last `window` ones, and the last sinks + window ones alone (window only, the
+same cache budget, as the paper compares), beside full attention over the whole text (no eviction, the
+paper's dense baseline). The cache defaults to the model's attention_window and
+attention_sinks when it has a window (sinks 4 when it has none), else sinks 4 and window = the training
+length - 4, so that cache positions never pass the training length. The model's normal forward at the
+training length (no eviction) is the reference. Streams are contiguous held-out text, documents run
+into each other (as the paper streams concatenated books), whatever the run's packing.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -20,10 +31,12 @@ from longtrain.trainer.config import Recipe, load_recipe, packing
 from longtrain.trainer.data.loader import PackedDataset, eval_batches
 from longtrain.trainer.data.tasks import IGNORE, TaskDataset, answer_accuracy, make_task, task_eval_batches
 from longtrain.trainer.errors import LongtrainError
+from longtrain.trainer.generate import new_state, stream_losses
 from longtrain.trainer.model.decoder import Decoder
 from longtrain.trainer.reshard import consolidated_weights
 
-TASKS = ("perplexity", "passkey", "mqar")
+TASKS = ("perplexity", "passkey", "mqar", "streaming")
+DEFAULT_SINKS = 4  # StreamingLLM's choice: four initial tokens restore most of the perplexity
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 POSITION_BUCKETS = 64
 
@@ -116,12 +129,88 @@ def _bucketed(per_position: torch.Tensor, count: torch.Tensor) -> dict:
     return {"position": centers, "loss": values}
 
 
+def streaming_cache(recipe: Recipe, sinks: int | None = None, window: int | None = None) -> tuple[int, int]:
+    """(sinks, window) of the streaming cache: the given values, else the defaults of the module docstring."""
+    model, train_length = recipe.model, recipe.data.seq_len
+    if sinks is None:
+        sinks = model.attention_sinks if model.attention_window is not None and model.attention_sinks else DEFAULT_SINKS
+    if sinks < 0:
+        raise LongtrainError(f"--sinks {sinks}: must be >= 0 (the first tokens kept in the cache; 0 for none)")
+    if window is None:
+        window = model.attention_window if model.attention_window is not None else train_length - sinks
+        if window < 1:
+            raise LongtrainError(f"--sinks {sinks} leaves no window in the training length {train_length}: "
+                                 "pass --window N (N >= 1) or fewer sinks")
+    if window < 1:
+        raise LongtrainError(f"--window {window}: must be >= 1 (the last tokens kept, the current one among them)")
+    return sinks, window
+
+
+def _stream_dataset(recipe: Recipe, run_dir: Path, length: int) -> PackedDataset:
+    dataset = _held_out(recipe, run_dir, length, "perplexity")
+    return dataset if dataset.doc_starts is None else PackedDataset(dataset.tokens, length)
+
+
+def _stream_entry(losses: torch.Tensor, train_length: int) -> dict:
+    """Summary of per-token losses (samples, length) float64: over the whole stream, and over its last
+    training length of tokens (tail_*), where eviction has been at work longest."""
+    mean, tail = float(losses.mean()), float(losses[:, -train_length:].mean())
+    count = torch.full((losses.shape[1],), float(losses.shape[0]), dtype=torch.float64)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": losses.numel(),
+            "tail_loss": tail, "tail_perplexity": math.exp(min(tail, 50.0)),
+            "loss_by_position": _bucketed(losses.mean(0), count)}
+
+
+def evaluate_streaming(model, recipe: Recipe, run_dir: Path, lengths: list[int], samples: int, batch_size: int,
+                       sinks: int | None = None, window: int | None = None) -> dict:
+    """Streaming perplexity at each length, with sinks and window only, and the full-attention reference."""
+    if recipe.data.task != "text":
+        raise LongtrainError(f"--task streaming needs a text run (it streams the run's held-out tokens); this run "
+                             f"has data.task={recipe.data.task}")
+    sinks, window = streaming_cache(recipe, sinks, window)
+    try:
+        new_state(model, sinks, window)  # refuses blocks without a constant-memory state, before any work
+    except ValueError as e:
+        raise LongtrainError(f"--task streaming: {e}") from None
+    caches = {"with_sinks": (sinks, window), "window_only": (0, sinks + window)}
+    train_length = recipe.data.seq_len
+    # Every length scores the same streams: the held-out draws at the longest length, cut. A stream is
+    # causal, so the losses of its first L tokens are those of a stream of length L: one pass serves all.
+    batches = list(_batches(_stream_dataset(recipe, run_dir, max(lengths)), batch_size, samples))
+    reference = loss_by_position(model, [(inputs[:, :train_length], targets[:, :train_length])
+                                         for inputs, targets in batches])
+    reference.pop("loss_by_position")
+    losses, seconds = {}, {}
+    for name, (cache_sinks, cache_window) in caches.items():
+        start = time.perf_counter()
+        losses[name] = torch.cat([stream_losses(model, inputs, targets, cache_sinks, cache_window)
+                                  for inputs, targets in batches])
+        seconds[name] = time.perf_counter() - start
+    # Full attention over the whole text (no eviction) at every length: past the training length, RoPE
+    # positions the model never saw; the paper's dense baseline. One row at a time bounds the logits.
+    with torch.no_grad():
+        dense = torch.cat([F.cross_entropy(model(inputs[row:row + 1]).transpose(1, 2), targets[row:row + 1],
+                                           reduction="none").double()
+                           for inputs, targets in batches for row in range(inputs.shape[0])])
+    losses["full_attention"] = dense
+    results = {length: {name: _stream_entry(losses[name][:, :length], train_length) for name in losses}
+               for length in lengths}
+    return {"task": "streaming", "train_length": train_length, "pattern": recipe.model.pattern,
+            "samples_per_length": losses["with_sinks"].shape[0], "sinks": sinks, "window": window,
+            "cache_tokens": sinks + window, "streamed_tokens_per_s": {
+                name: losses[name].numel() / max(seconds[name], 1e-9) for name in caches},
+            "full_attention": {"length": train_length, **reference}, "lengths": results}
+
+
 def evaluate(model, recipe: Recipe, run_dir: Path, task_name: str, lengths: list[int], samples: int = 64,
-             batch_size: int | None = None) -> dict:
-    """Results of one task at each length: {'task', 'train_length', 'lengths': {length: {...}}}."""
+             batch_size: int | None = None, sinks: int | None = None, window: int | None = None) -> dict:
+    """Results of one task at each length: {'task', 'train_length', 'lengths': {length: {...}}}.
+    sinks, window: the streaming task's cache (`streaming_cache`)."""
     if task_name not in TASKS:
         raise LongtrainError(f"--task {task_name!r} is unknown; valid: {', '.join(TASKS)}")
     batch_size = batch_size or recipe.train.micro_batch_size
+    if task_name == "streaming":
+        return evaluate_streaming(model, recipe, run_dir, lengths, samples, batch_size, sinks, window)
     results = {}
     for length in lengths:
         if task_name == "perplexity":
@@ -158,7 +247,25 @@ def plot_results(results: dict, path: Path) -> None:
 
     task, train_length = results["task"], results["train_length"]
     lengths = sorted(results["lengths"], key=int)
-    if task == "perplexity":
+    if task == "streaming":
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        x = [int(n) for n in lengths]
+        sinks, window = results["sinks"], results["window"]
+        for name, label in (("with_sinks", f"{sinks} sinks + window {window}"),
+                            ("window_only", f"window {sinks + window}, no sinks"),
+                            ("full_attention", "full attention, no eviction")):
+            ax.plot(x, [results["lengths"][n][name]["perplexity"] for n in lengths], marker="o", label=label)
+        ax.axhline(results["full_attention"]["perplexity"], color="black", linestyle=":",
+                   label=f"full attention at {train_length} tokens (reference)")
+        ax.axvline(train_length, color="gray", linestyle="--", label=f"training length {train_length}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(x, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_xlabel("stream length (tokens, log scale)")
+        ax.set_ylabel("held-out perplexity (log scale)")
+        ax.set_title(f"Streaming perplexity, cache of {sinks + window} tokens ({results['pattern']})")
+    elif task == "perplexity":
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for length in lengths:
             curve = results["lengths"][length]["loss_by_position"]

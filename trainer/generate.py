@@ -12,10 +12,17 @@ step through the blocks:
        new token (exact, but quadratic in the generated length for that block).
 `generate_recompute` recomputes the whole prefix for every token; it is the reference the tests
 compare against, and serves a sliding window (`max_context`).
+
+Streaming (StreamingLLM, Xiao et al. 2023): `new_state(model, sinks, window)` gives every attention block
+a cache of the first `sinks` and the last `window` tokens, with positions by place in the cache
+(trainer/model/attention.py), so a stream of any length runs in constant memory: Mamba's state is
+constant already, F and token-wise O blocks keep none. An O block whose f attends (or whose solver is
+adaptive) keeps its whole input history and is refused. `stream_losses` scores a text that way.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 FIXED_GRID_SOLVERS = ("euler", "midpoint", "rk4")
 
@@ -26,9 +33,27 @@ def ode_is_tokenwise(block) -> bool:
     return ode.f.attn is None and ode.ode.solver in FIXED_GRID_SOLVERS
 
 
-def new_state(model) -> list[dict]:
-    """One empty state dict per block of `model` (a Decoder)."""
-    return [{} for _ in model.blocks]
+def new_state(model, sinks: int | None = None, window: int | None = None) -> list[dict]:
+    """One state dict per block of `model` (a Decoder), empty; with `window`, attention blocks stream with a
+    constant-memory cache of `sinks` (default 0) + `window` tokens, the current one among the window."""
+    states = [{} for _ in model.blocks]
+    if window is None:
+        if sinks is not None:
+            raise ValueError(f"sinks={sinks} needs a window: the cache holds sinks + window tokens")
+        return states
+    sinks = sinks or 0
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks={sinks!r}: must be an integer >= 0 (the first tokens kept in the cache)")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r}: must be an integer >= 1 (the last tokens kept, the current one "
+                         "among them)")
+    for block, state in zip(model.blocks, states):
+        if block.letter == "A":
+            state.update(sinks=sinks, window=window)
+        elif block.letter == "O" and not ode_is_tokenwise(block):
+            raise ValueError("streaming needs constant-memory blocks: this O block (ode.sublayer=attention_mlp or an "
+                             "adaptive solver) re-solves its whole input history for every token")
+    return states
 
 
 @torch.no_grad()
@@ -46,6 +71,22 @@ def forward_with_state(model, tokens: torch.Tensor, states: list[dict]) -> torch
         else:
             x = block(x)
     return model.logits(model.norm(x))
+
+
+@torch.no_grad()
+def stream_losses(model, inputs: torch.Tensor, targets: torch.Tensor, sinks: int, window: int,
+                  prefill: bool = True) -> torch.Tensor:
+    """Next-token losses (batch, seq) float64 (nats) of inputs (batch, seq) int64 against targets, streamed
+    through `model` with a cache of `sinks` + `window` tokens per attention block (`new_state`). With
+    `prefill` the first sinks + window tokens go in one call (nothing is evicted before then, so it
+    equals feeding them one by one), the rest one token per call; without it, every token alone."""
+    states = new_state(model, sinks, window)
+    first = min(sinks + window, inputs.shape[1]) if prefill else 1
+    losses = []
+    for start, stop in [(0, first)] + [(t, t + 1) for t in range(first, inputs.shape[1])]:
+        logits = forward_with_state(model, inputs[:, start:stop], states)
+        losses.append(F.cross_entropy(logits.transpose(1, 2), targets[:, start:stop], reduction="none").double())
+    return torch.cat(losses, dim=1)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:

@@ -39,21 +39,23 @@ def _sync(device):
 def flops_per_token(cfg, seq_len: int, evaluations: dict[int, int] | None = None) -> float:
     """Training FLOPs per token from the model configuration (no weights needed, whatever the layout):
     6 x (dense parameters used per token, an O block's counted once per function evaluation) + attention
-    scores (6 * seq * d per attention layer for causal fwd+bwd) + the LM head.
+    scores (6 * seq * d per attention layer for causal fwd+bwd, seq its `attention_span`: less for windowed
+    layers and S²-Attn groups) + the LM head.
 
     evaluations: {block index: function evaluations of its last solve} for O blocks (`ode_stats` keys
     'ode/<index>/nfe', gathered from every stage); an O block missing from it counts the plan's guess."""
-    from longtrain.trainer.parallel.plan import block_parameters, function_evaluations
+    from longtrain.trainer.parallel.plan import attention_span, block_parameters, function_evaluations
 
     params = block_parameters(cfg, 1)
     total = 0.0
     for index, letter in enumerate(cfg.pattern):
         block = 6.0 * params[letter]
+        span = attention_span(cfg, seq_len, index) if letter in "AO" else seq_len
         if letter == "A":
-            block += 6 * seq_len * cfg.d_model
+            block += 6 * span * cfg.d_model
         if letter == "O":
             nfe = max((evaluations or {}).get(index) or function_evaluations(cfg.ode), 1)
-            block = nfe * (block + (6 * seq_len * cfg.d_model if cfg.ode.sublayer == "attention_mlp" else 0))
+            block = nfe * (block + (6 * span * cfg.d_model if cfg.ode.sublayer == "attention_mlp" else 0))
         total += block
     return total + 6 * cfg.d_model * cfg.vocab_size  # LM head
 

@@ -40,13 +40,16 @@ class Residual(nn.Module):
         return x + self.mixer(self.norm(x), **kwargs)
 
 
-def make_block(letter: str, cfg, linears, attention_backend="auto", scan_backend="auto") -> Residual:
+def make_block(letter: str, cfg, linears, attention_backend="auto", scan_backend="auto",
+               index: int | None = None) -> Residual:
+    """index: the block's place in cfg.pattern; attention layers read their window from it
+    (model.attention_global_every). None: every attention layer takes model.attention_window."""
     if letter == "A":
-        mixer = Attention(cfg, linears, attention_backend)
+        mixer = Attention(cfg, linears, attention_backend, index)
     elif letter == "M":
         mixer = Mamba(cfg, linears, scan_backend)
     elif letter == "O":
-        mixer = ODEBlock(cfg, linears, attention_backend)
+        mixer = ODEBlock(cfg, linears, attention_backend, index)
     elif letter == "F":
         mixer = SwiGLU(cfg.d_model, cfg.d_hidden, linears)
     else:
@@ -63,7 +66,8 @@ class Decoder(nn.Module):
         linears = linears or Linears(cfg.init_std)
         self.cfg = cfg
         self.embed = linears.embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(make_block(c, cfg, linears, attention_backend, scan_backend) for c in cfg.pattern)
+        self.blocks = nn.ModuleList(make_block(c, cfg, linears, attention_backend, scan_backend, index)
+                                    for index, c in enumerate(cfg.pattern))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else linears.column(cfg.d_model, cfg.vocab_size)
         self.activation_checkpointing = activation_checkpointing

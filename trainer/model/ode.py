@@ -58,12 +58,12 @@ class OdeStepLimitError(LongtrainError):
 class VectorField(nn.Module):
     """f(t, h): (batch, seq, d_model) -> same shape; t a scalar tensor in [0, 1]."""
 
-    def __init__(self, cfg, linears, kind: str = "mlp", attention_backend: str = "auto"):
+    def __init__(self, cfg, linears, kind: str = "mlp", attention_backend: str = "auto", index: int | None = None):
         super().__init__()
         self.time = set_rule(nn.Parameter(torch.zeros(cfg.d_model)), "const", 0.0)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_hidden, linears)
-        self.attn = Attention(cfg, linears, attention_backend) if kind == "attention_mlp" else None
+        self.attn = Attention(cfg, linears, attention_backend, index) if kind == "attention_mlp" else None
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if self.attn is not None else None
         # (batch, seq) in-document positions of packed documents for the attention sublayer, set by the
         # O block for its solve (and kept for the adjoint pass, which evaluates f after forward returns)
@@ -161,10 +161,11 @@ class ODEBlock(nn.Module):
     same result on each; see `rms_norm_over`. It only matters for adaptive solvers.
     """
 
-    def __init__(self, cfg, linears, attention_backend: str = "auto"):
+    def __init__(self, cfg, linears, attention_backend: str = "auto", index: int | None = None):
+        """index: the block's place in model.pattern (its attention sublayer's window, see Attention)."""
         super().__init__()
         self.ode = cfg.ode
-        self.f = VectorField(cfg, linears, cfg.ode.sublayer, attention_backend)
+        self.f = VectorField(cfg, linears, cfg.ode.sublayer, attention_backend, index)
         self.lockstep_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.tally: Tally | None = None
         self._warned = False

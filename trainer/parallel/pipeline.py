@@ -17,7 +17,7 @@ from torch import nn
 from longtrain.trainer.model.decoder import make_block
 from longtrain.trainer.model.layers import RMSNorm
 from longtrain.trainer.parallel.mesh import Mesh
-from longtrain.trainer.parallel.plan import block_cost, block_parameters, partition
+from longtrain.trainer.parallel.plan import attention_span, block_cost, block_parameters, partition
 
 
 class EmbeddingStage(nn.Module):
@@ -39,9 +39,9 @@ def tied_head(stage: EmbeddingStage, hidden):
 
 
 class BlockStage(nn.Module):
-    def __init__(self, letter, cfg, linears, attention_backend, scan_backend):
+    def __init__(self, letter, cfg, linears, attention_backend, scan_backend, index=None):
         super().__init__()
-        self.block = make_block(letter, cfg, linears, attention_backend, scan_backend)
+        self.block = make_block(letter, cfg, linears, attention_backend, scan_backend, index)
 
     def forward(self, x):
         return self.block(x)
@@ -74,14 +74,16 @@ def layer_specs(cfg, linears, attention_backend="auto", scan_backend="auto") -> 
         last = TiedLayerSpec("embed", EmbeddingStage, cfg, linears, forward_fn=tied_head, tied_weight_attr=["embed.weight"])
     else:
         first, last = LayerSpec(EmbeddingStage, cfg, linears), LayerSpec(HeadStage, cfg, linears)
-    blocks = [LayerSpec(BlockStage, c, cfg, linears, attention_backend, scan_backend) for c in cfg.pattern]
+    blocks = [LayerSpec(BlockStage, c, cfg, linears, attention_backend, scan_backend, index)
+              for index, c in enumerate(cfg.pattern)]
     return [first, *blocks, LayerSpec(NormStage, cfg), last]
 
 
 def stage_bounds(cfg, stages: int, seq_len: int) -> list[int]:
     """DeepSpeed `parts` over the full layer list (embedding, blocks, norm, head) from per-block costs."""
     params = block_parameters(cfg)
-    bounds = partition([block_cost(c, cfg, seq_len, params[c]) for c in cfg.pattern], stages)
+    bounds = partition([block_cost(c, cfg, attention_span(cfg, seq_len, i), params[c])
+                        for i, c in enumerate(cfg.pattern)], stages)
     n = len(cfg.pattern)
     return [0] + [b + 1 for b in bounds[1:-1]] + [n + 3]
 

@@ -2,10 +2,11 @@
 counts parameters and estimates memory per rank, and balances pipeline stages. No devices needed.
 
 Rank order follows megatron-core's `parallel_state` default (`order="tp-cp-ep-dp-pp"`): tp varies
-fastest, then cp, then dp, then pp. Memory follows the ZeRO paper (Rajbhandari et al. 2020, sec. 3):
-with mixed precision each parameter costs 2 bytes (bf16 weights) + 2 (bf16 gradients) + K = 12
-(fp32 master weights, Adam m and v); in float32, 4 + 4 + 8. ZeRO stage 1 partitions the optimizer
-states, 2 also the gradients, 3 also the weights, over the data-parallel group (dp x cp here).
+fastest, then cp, then dp, then pp. Memory follows the ZeRO paper (Rajbhandari et al. 2020, sec. 3),
+for how longtrain trains: float32 weights and gradients under train.bf16 too (autocast), so each
+parameter costs 4 + 4 + 8 bytes (Adam's m and v), + 4 more under ZeRO 1-2 (DeepSpeed's float32 master
+copy of the partition). ZeRO stage 1 partitions the optimizer states, 2 also the gradients, 3 also the
+weights, over the data-parallel group (dp x cp here).
 Activations are estimated per block type at seq_len / cp tokens with flash-style attention (O(seq)).
 """
 from __future__ import annotations
@@ -203,7 +204,8 @@ def function_evaluations(ode_cfg) -> int:
 
 def block_cost(letter: str, model_cfg, seq_len: int, params: int) -> float:
     """Forward FLOPs per token: 2 per weight, attention scores 2 * seq * d (causal average), the scan ~9 per
-    (channel, state). O blocks pay their vector field once per function evaluation."""
+    (channel, state). O blocks pay their vector field once per function evaluation. seq_len: the block's
+    `attention_span` (data.seq_len for full causal attention)."""
     m = model_cfg
     cost = 2.0 * params
     if letter == "A":
@@ -215,6 +217,30 @@ def block_cost(letter: str, model_cfg, seq_len: int, params: int) -> float:
             cost += 2.0 * seq_len * m.d_model
         cost *= function_evaluations(m.ode)
     return cost
+
+
+def attention_span(model_cfg, seq_len: int, index: int) -> float:
+    """The length whose full causal attention computes as many query-key scores as block `index` of the pattern
+    does over seq_len tokens: seq_len for full causal attention; seq_len * pairs / (seq_len (seq_len + 1) / 2)
+    for a sliding window (model.attention_window with its sinks, outside the global layers of
+    model.attention_global_every) or S²-Attn's groups (model.s2_attn, training), counting the pairs each
+    computes. Packed documents are not counted (their borders vary by batch)."""
+    def causal(n):
+        return n * (n + 1) / 2
+
+    window = model_cfg.attention_layer_window(index)
+    if window is not None and window < seq_len:
+        extra, sinks = seq_len - window, model_cfg.attention_sinks  # queries past the window; sinks they also see
+        pairs = causal(window) + extra * window + (causal(min(extra, sinks)) + max(extra - sinks, 0) * sinks)
+    elif window is None and model_cfg.s2_attn is not None:
+        group = model_cfg.s2_attn.group
+        plain = [min(group, seq_len - start) for start in range(0, seq_len, group)]
+        starts = [0, *range(group // 2, seq_len, group)]
+        shifted = [end - start for start, end in zip(starts, starts[1:] + [seq_len])]
+        pairs = (sum(map(causal, plain)) + sum(map(causal, shifted))) / 2  # half the heads each
+    else:
+        return float(seq_len)
+    return seq_len * pairs / causal(seq_len)
 
 
 def partition(costs: list[float], stages: int) -> list[int]:
@@ -314,13 +340,14 @@ def build_plan(recipe, world_size: int | None = None) -> Plan:
     dense = block_parameters(m, 1)
     embed_local = (m.vocab_size // layout.tp) * m.d_model
     head_local = embed_local  # tied: the head reuses the embedding; untied: a column-parallel (vocab/tp, d)
-    costs = [block_cost(c, m, recipe.data.seq_len, dense[c]) for c in m.pattern]
+    costs = [block_cost(c, m, attention_span(m, recipe.data.seq_len, i), dense[c]) for i, c in enumerate(m.pattern)]
     bounds = partition(costs, layout.pp)
     total_params = sum(dense[c] for c in m.pattern) + m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
+    # Weights and gradients stay float32 (train.bf16 is autocast: bfloat16 matmuls and activations).
     bytes_per_element = 2 if t.bf16 else 4
-    # Adam's two moments, and a float32 master copy: under bf16, and under ZeRO 1-3 in float32 too
-    # (DeepSpeed's ZeRO optimizers step a float32 copy of their partition, apart from the module's weights).
-    optimizer_bytes = 12 if t.bf16 or recipe.parallel.zero_stage >= 1 else 8
+    # Adam's two moments; ZeRO 1-2 also step a float32 copy of their partition (stage_1_and_2.py clones it),
+    # ZeRO-3 steps the partition itself (trainer/engine.py, share_float32_master).
+    optimizer_bytes = 12 if recipe.parallel.zero_stage in (1, 2) else 8
     zero_group = layout.dp * layout.cp
     sequences = (t.micro_batch_size * t.grad_accum // recipe.parallel.micro_batches if layout.pp > 1
                  else t.micro_batch_size)  # per forward pass
@@ -345,8 +372,8 @@ def build_plan(recipe, world_size: int | None = None) -> Plan:
 
 def stage_memory(recipe, layout, stage, index, tokens, bytes_per_element, optimizer_bytes, zero_group) -> dict:
     m, t, zero = recipe.model, recipe.train, recipe.parallel.zero_stage
-    weights = stage.params * bytes_per_element / (zero_group if zero >= 3 else 1)
-    grads = stage.params * bytes_per_element / (zero_group if zero >= 2 else 1)
+    weights = stage.params * 4 / (zero_group if zero >= 3 else 1)
+    grads = stage.params * 4 / (zero_group if zero >= 2 else 1)
     optimizer = stage.params * optimizer_bytes / (zero_group if zero >= 1 else 1)
     per_block = [activation_elements(c, m, layout.tp) * tokens * bytes_per_element for c in stage.layers]
     if t.activation_checkpointing:
