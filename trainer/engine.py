@@ -148,6 +148,31 @@ ZERO_BUCKETS = {"reduce_bucket_size": BUCKET_ELEMENTS, "allgather_bucket_size": 
                 "stage3_max_reuse_distance": BUCKET_ELEMENTS}
 
 
+def limit_engine_memory(engine, data_parallel_size: int) -> None:
+    """What DeepSpeed's engine holds beyond the model state: bounded gradient reduction, and under ZeRO-3 no
+    second float32 copy of a partition that is float32 already."""
+    bound_gradient_reduction(engine, data_parallel_size)
+    share_float32_master(engine.optimizer)
+
+
+def share_float32_master(optimizer) -> None:
+    """ZeRO-3 keeps each float32 partition once, as the optimizer's master weights too.
+
+    DeepSpeed 0.19.8's stage 3 means to skip the master copy when the partition is float32 on the optimizer's
+    device already (runtime/zero/stage3.py, `_create_fp32_partitions`), but compares `tensor.device` with
+    the accelerator's device *name*, a string, which never equals a torch.device: every rank then holds a
+    clone, 4 more bytes per parameter of its partition. The master becomes the partition itself, as that
+    branch intends: the optimizer updates the partition in place and the copy back is a copy onto itself."""
+    low = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    master = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if not low or not master or getattr(optimizer, "offload_optimizer", False):
+        return
+    for partition, copy in zip(low, master):
+        if (partition is not None and copy is not partition and copy.dtype == partition.dtype
+                and copy.device == partition.device and copy.shape == partition.shape):
+            copy.data = partition.data  # same tensor object: the optimizer's param groups and state keys hold
+
+
 def bound_gradient_reduction(engine, data_parallel_size: int) -> None:
     """The ZeRO-0 gradient all-reduce: none with one data-parallel rank (DeepSpeed still flattens every
     gradient into one buffer and all-reduces it over a group of one), buckets of BUCKET_ELEMENTS otherwise
@@ -243,5 +268,5 @@ def build_engine(model: torch.nn.Module, train, parallel, dp_size: int):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(train, parallel, dp_size))
-    bound_gradient_reduction(engine, dp_size)
+    limit_engine_memory(engine, dp_size)
     return engine, optimizer, scheduler

@@ -23,7 +23,10 @@ universal format does not cover) included.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import math
 import os
 from pathlib import Path
 
@@ -81,7 +84,8 @@ def universal_state(named_params, dense_shapes: dict, optimizer, zero_stage: int
                     replica: int = 0, replicas: int = 1) -> dict:
     """This rank's `universal` section. Collective under ZeRO: every rank calls it. The `replicas` data- and
     context-parallel ranks holding the same slices share the writing: this one (`replica`) keeps every
-    replicas-th parameter, so no rank holds (or hashes, or writes) more than its share of the model."""
+    replicas-th parameter, so no rank holds (or hashes, or writes) more than its share of the model. Without
+    ZeRO the entries are the live parameters and moments, not copies: write the section before the next step."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from longtrain.trainer.parallel.tensor import shard_dim
@@ -105,8 +109,7 @@ def universal_state(named_params, dense_shapes: dict, optimizer, zero_stage: int
             continue
         dim = shard_dim(_dense_shape(param), dense_shapes[name], tp)
         out[name] = {"dim": dim, "index": tp_rank if dim is not None else 0, "parts": tp if dim is not None else 1,
-                     "step": step, "param": value.detach().clone().contiguous(),
-                     **{k: v.detach().clone().contiguous() for k, v in moments.items()}}
+                     "step": step, "param": value.detach(), **{k: v.detach() for k, v in moments.items()}}
     return out
 
 
@@ -126,27 +129,57 @@ def _block_hashes(stored: torch.Tensor, block_rows: int) -> list[str]:
 def write_universal(section: dict, file: Path) -> dict:
     """Write this rank's `universal` section as one safetensors file; returns its manifest index: dense name ->
     {dim, index, parts, step, shape, block_rows, sha256: {key: [hash of each block of stored rows]}}. Hashed
-    from memory while writing, so no rank reads back more than its own bytes."""
-    from safetensors.torch import save_file
-
-    tensors, index = {}, {}
+    from memory while writing, so no rank reads back more than its own bytes. The file is streamed one
+    tensor at a time (`_stream_safetensors`), so writing holds one stored tensor beyond the section."""
+    layout, index = {}, {}
     for name, entry in section.items():
         if entry["param"].dim() == 0:
             raise LongtrainError(f"universal checkpoint entry {name} is a 0-d tensor: give it a shape of (1,)")
-        stored = {k: _stored(entry[k], entry["dim"]) for k in KEYS}
-        rows, row_bytes = stored["param"].shape[0], stored["param"][0].numel() * stored["param"].element_size()
-        block_rows = min(rows, max(-(-rows // BLOCKS), -(-MIN_BLOCK_BYTES // max(row_bytes, 1))))
+        shape = list(_stored(torch.empty(entry["param"].shape, device="meta"), entry["dim"]).shape)
+        row_bytes = math.prod(shape[1:]) * entry["param"].element_size()
+        block_rows = min(shape[0], max(-(-shape[0] // BLOCKS), -(-MIN_BLOCK_BYTES // max(row_bytes, 1))))
         index[name] = {"dim": entry["dim"], "index": entry["index"], "parts": entry["parts"], "step": entry["step"],
                        "shape": list(entry["param"].shape), "dtype": str(entry["param"].dtype), "block_rows": block_rows,
-                       "sha256": {k: _block_hashes(t, block_rows) for k, t in stored.items()}}
-        tensors.update({f"{name}:{k}": t for k, t in stored.items()})
-    save_file(tensors, str(file))
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+                       "sha256": {}}
+        layout.update({(name, k): (entry[k].dtype, shape) for k in KEYS})
+
+    def stored(name, key):  # the stored rows on the host, hashed on the way out
+        rows = _stored(section[name][key].detach(), section[name]["dim"]).cpu()
+        index[name]["sha256"][key] = _block_hashes(rows, index[name]["block_rows"])
+        return rows
+    _stream_safetensors(file, {f"{name}:{k}": (dtype, shape, functools.partial(stored, name, k))
+                               for (name, k), (dtype, shape) in layout.items()})
     return index
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _stream_safetensors(file: Path, tensors: dict) -> None:
+    """Write a safetensors file (an 8-byte little-endian header length, the JSON header, then each tensor's bytes
+    in header order) from {key: (dtype, shape, produce)}, calling produce() for one tensor at a time and
+    fsyncing at the end. safetensors' own writers take every tensor at once (and copy each to bytes), which
+    would hold a rank's whole share of the model twice over while it writes."""
+    header, offset = {}, 0
+    for key, (dtype, shape, _) in tensors.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors' writer pads it
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for key, (dtype, shape, produce) in tensors.items():
+            tensor = produce()
+            if tensor.dtype != dtype or list(tensor.shape) != list(shape) or tensor.device.type != "cpu":
+                raise LongtrainError(f"checkpoint file {file}: {key} changed while it was written "
+                                     f"({tensor.dtype} {list(tensor.shape)}, header {dtype} {list(shape)})")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _pieces(path: Path, manifest: dict) -> dict[str, list[tuple[str, dict]]]:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longtrain.trainer.engine import bound_gradient_reduction, build_optimizer, deepspeed_config
+from longtrain.trainer.engine import build_optimizer, limit_engine_memory, deepspeed_config
 from longtrain.trainer.errors import LongtrainError
 from longtrain.trainer.faults import nonfinite_loss_poisons_gradients
 from longtrain.trainer.model.decoder import Decoder
@@ -261,7 +261,7 @@ def parallel_engine(module: nn.Module, train, parallel, mesh: Mesh) -> ParallelR
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=parallel_config(train, parallel, mesh),
         mpu=None if mesh.pp > 1 else MeshMPU(mesh))
-    bound_gradient_reduction(engine, mesh.dp * mesh.cp)
+    limit_engine_memory(engine, mesh.dp * mesh.cp)
     if mesh.pp > 1 and parallel.zero_stage == 0:
         engine.clip_fp32_gradients = functools.partial(_clip_pipeline_gradients, engine, mesh)
     return ParallelRun(engine, optimizer, scheduler, mesh, train, parallel)
