@@ -110,3 +110,29 @@ def test_a_rank_allocates_its_part_only(tp, zero):
     for result in run_ranks(_build_part, 2, args=(tp, zero, True), deepspeed=True):
         assert result["held"] <= 0.55 * dense_bytes, (result["held"], dense_bytes)
         assert result["grown"] <= 0.7 * dense_bytes, (result["grown"] / dense_bytes, result)
+
+
+def _zero3_engine(rank, world):
+    from longtrain.trainer.engine import build_engine, deepspeed_config
+    from longtrain.trainer.parallel.parallelize import ZeroPartition
+
+    train, parallel = TrainConfig(micro_batch_size=1, grad_accum=1, lr=1e-2), ParallelConfig(zero_stage=3)
+    module = model_init.build_decoder(_small(), seed=5, partition=ZeroPartition(None, deepspeed_config(train, parallel, world)))
+    engine, optimizer, _ = build_engine(module, train, parallel, dp_size=world)
+    shared = [master.untyped_storage().data_ptr() == low.untyped_storage().data_ptr()
+              for low, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat)]
+    before = [low.clone() for low in optimizer.fp16_partitioned_groups_flat]
+    tokens = torch.randint(0, _small().vocab_size, (1, 16), generator=torch.Generator().manual_seed(rank))
+    loss = torch.nn.functional.cross_entropy(engine(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    engine.backward(loss)
+    engine.step()
+    moved = [float((low - old).abs().max()) for low, old in zip(optimizer.fp16_partitioned_groups_flat, before)]
+    return {"shared": shared, "moved": moved}
+
+
+def test_zero3_steps_its_partition_without_a_second_float32_copy():
+    """Under ZeRO-3 in float32 the optimizer's master weights are the module's partition (one copy, not two:
+    trainer/engine.py share_float32_master), and Adam's update lands in the partition the forward gathers."""
+    for result in run_ranks(_zero3_engine, 2, deepspeed=True):
+        assert result["shared"] and all(result["shared"]), result
+        assert all(m > 0 for m in result["moved"]), result

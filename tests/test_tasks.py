@@ -102,3 +102,42 @@ def test_recipe_validation():
         recipe_from_dict({"data": {"task": "passkey", "passkey": {"loss": "all"}}, "model": {"vocab_size": 32}})
     with pytest.raises(LongtrainError, match="too short"):
         TaskDataset(make_task(DataConfig(task="passkey")), 10, "train", 0)
+
+
+def test_task_lengths_pack_independent_samples_as_documents():
+    """data.task_lengths: sequence i takes lengths[i % 2]; a short length packs seq_len / length samples, each
+    equal to the sample drawn alone, with targets that never cross into the next sample and positions that
+    restart at 0 in each."""
+    task = make_task(DataConfig(task="passkey", seq_len=64))
+    data = TaskDataset(task, 64, "train", seed=3, lengths=[16, 64])
+    inputs, targets, positions = data.collate([0, 1])
+    assert inputs.shape == targets.shape == positions.shape == (2, 64)
+    assert torch.equal(positions[0], torch.arange(16).repeat(4)) and torch.equal(positions[1], torch.arange(64))
+    for part in range(4):  # row 0: four samples of 16, each drawn by its own seed
+        tokens, answer = task.make(np.random.default_rng([3, 0, 0, 16, part]), 16)
+        window = slice(16 * part, 16 * part + 16)
+        assert torch.equal(inputs[0, window], torch.from_numpy(tokens[:-1]))
+        want = torch.full((16,), IGNORE, dtype=torch.int64)
+        want[torch.from_numpy(answer)] = torch.from_numpy(tokens[1:])[torch.from_numpy(answer)]
+        assert torch.equal(targets[0, window], want)
+    # row 1 is sample 1 at full length, as without task_lengths
+    plain_inputs, plain_targets = passkey_set(64).collate([1])
+    assert torch.equal(inputs[1], plain_inputs[0]) and torch.equal(targets[1], plain_targets[0])
+
+
+@pytest.mark.parametrize("data, parallel, words", [
+    ({"task": "passkey", "seq_len": 64, "task_lengths": [24, 64]}, {}, ["data.task_lengths=[24, 64]", "divide"]),
+    ({"task": "text", "seq_len": 64, "task_lengths": [32]}, {}, ["data.task_lengths=[32]", "synthetic"]),
+    ({"task": "passkey", "seq_len": 64, "task_lengths": [32, 64]}, {"pp": 2}, ["data.task_lengths", "parallel.pp"]),
+])
+def test_bad_task_lengths_are_one_line_errors(data, parallel, words):
+    from conftest import assert_recipe_refused
+    raw = {"model": {"pattern": "AFAF", "vocab_size": 4096, "d_model": 32, "n_heads": 2}, "data": data,
+           "parallel": parallel, "train": {"micro_batch_size": 2}}
+    assert_recipe_refused(raw, words)
+
+
+def test_a_length_below_the_task_minimum_is_refused():
+    task = make_task(DataConfig(task="passkey", seq_len=64))
+    with pytest.raises(LongtrainError, match="data.task_lengths length 8"):
+        TaskDataset(task, 64, "train", seed=0, lengths=[8, 64])

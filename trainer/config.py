@@ -253,6 +253,11 @@ class DataConfig(Section):
         "predecessors). Default: documents, or concat under parallel.pp > 1 (the pipeline does not carry positions)")
     passkey: PasskeyConfig = PasskeyConfig()
     mqar: MqarConfig = MqarConfig()
+    task_lengths: list[Int] | None = Field(
+        None, description="synthetic tasks: training sequences take these sample lengths in turn; a length below "
+        "data.seq_len packs data.seq_len / length samples as documents (no sample sees another; rotary positions "
+        "restart), so one run trains at several lengths, e.g. [128, 1024] to extend a context and keep the "
+        "original. Each must divide data.seq_len. Unset: one sample of data.seq_len per sequence")
 
 
 class TrainConfig(Section):
@@ -450,6 +455,21 @@ def check_packing(r: Recipe) -> None:
                          "carry the in-document positions); use data.packing=concat or pp=1")
 
 
+def check_task_lengths(r: Recipe) -> None:
+    lengths = r.data.task_lengths
+    if lengths is None:
+        return
+    if r.data.task == "text":
+        raise ValueError(f"data.task_lengths={lengths} is for synthetic tasks (data.task=passkey or mqar); text "
+                         "sequences pack documents by data.packing")
+    if not lengths or any(n <= 0 or r.data.seq_len % n for n in lengths):
+        raise ValueError(f"data.task_lengths={lengths}: every length must be positive and divide data.seq_len="
+                         f"{r.data.seq_len} (shorter samples are packed to fill a sequence)")
+    if r.parallel.pp > 1 and min(lengths) < r.data.seq_len:
+        raise ValueError(f"data.task_lengths={lengths} packs samples as documents, which does not work with "
+                         "parallel.pp > 1 yet (the pipeline stages do not carry in-document positions)")
+
+
 def packing(r: Recipe) -> str:
     """The packing a recipe resolves to: 'documents' or 'concat' for text, 'task' for synthetic tasks (one
     sample per sequence); data.packing unset is documents, or concat under parallel.pp > 1."""
@@ -459,7 +479,7 @@ def packing(r: Recipe) -> str:
 
 
 CHECKS = [check_pattern, check_heads, check_mlp_width, check_vocab, check_task_vocab, check_ode_zero3, check_packing,
-          check_window, check_global_every, check_s2_attn]
+          check_window, check_global_every, check_s2_attn, check_task_lengths]
 
 
 # ---- loading ----

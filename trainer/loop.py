@@ -134,7 +134,7 @@ def build_data(recipe: Recipe, rank: int, world: int):
         if task.vocab.size > recipe.model.vocab_size:
             raise LongtrainError(f"model.vocab_size={recipe.model.vocab_size} is smaller than data.task="
                                  f"{recipe.data.task}'s vocabulary of {task.vocab.size} symbols")
-        train_set = TaskDataset(task, recipe.data.seq_len, "train", recipe.run.seed)
+        train_set = TaskDataset(task, recipe.data.seq_len, "train", recipe.run.seed, lengths=recipe.data.task_lengths)
         eval_set = TaskDataset(task, recipe.data.seq_len, "eval", recipe.run.seed)
         loader = TaskLoader(train_set, recipe.train.micro_batch_size, recipe.train.grad_accum,
                             dp_rank=rank, dp_size=world, seed=recipe.run.seed)

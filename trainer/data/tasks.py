@@ -130,15 +130,23 @@ def make_task(data_cfg):
 
 
 class TaskDataset:
-    """Samples of one split at one length; `get` has the PackedDataset interface, `collate` adds the mask."""
+    """Samples of one split at one length; `get` has the PackedDataset interface, `collate` adds the mask.
+
+    lengths (data.task_lengths): sequence i holds samples of lengths[i % len(lengths)] tokens, seq_len / length
+    of them packed one after another as documents; `collate` then also returns each token's in-document
+    position, so no sample sees another and rotary positions restart (as text under documents packing)."""
 
     def __init__(self, task, seq_len: int, split: str, seed: int, num_samples: int = SAMPLES_PER_SPLIT,
-                 depth: float | None = None):
-        if seq_len < task.min_length():
-            raise LongtrainError(f"data.seq_len={seq_len} is too short for data.task: it needs at least "
-                                 f"{task.min_length()} tokens")
+                 depth: float | None = None, lengths: list[int] | None = None):
+        for length in lengths or [seq_len]:
+            if length < task.min_length():
+                field = "data.task_lengths" if lengths else "data.seq_len"
+                raise LongtrainError(f"{field} length {length} is too short for data.task: it needs at least "
+                                     f"{task.min_length()} tokens")
+            if seq_len % length:
+                raise LongtrainError(f"data.task_lengths length {length} does not divide data.seq_len={seq_len}")
         self.task, self.seq_len, self.split, self.seed = task, seq_len, split, seed
-        self.num_samples, self.depth = num_samples, depth
+        self.num_samples, self.depth, self.lengths = num_samples, depth, lengths
 
     def __len__(self):
         return self.num_samples
@@ -147,20 +155,36 @@ class TaskDataset:
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index, self.seq_len])
         return self.task.make(rng, self.seq_len, self.depth)
 
+    def _pieces(self, index: int) -> list:
+        """[(tokens (length + 1,), answer mask (length,))] of the samples making up sequence `index`."""
+        length = self.lengths[index % len(self.lengths)] if self.lengths else self.seq_len
+        if length == self.seq_len:
+            return [self.sample(index)]
+        return [self.task.make(np.random.default_rng([self.seed, SPLITS[self.split], index, length, part]), length,
+                               self.depth) for part in range(self.seq_len // length)]
+
     def get(self, index: int) -> np.ndarray:
         return self.sample(index)[0]
 
     def collate(self, indices, answer_only: bool = False):
-        """inputs, targets (batch, seq) int64; targets outside the loss (or the answer) are -100."""
-        rows, answers = zip(*(self.sample(i) for i in indices))
-        rows, answers = np.stack(rows), np.stack(answers)
-        masks = answers if answer_only else np.stack([self.task.loss_mask(m) for m in answers])
-        targets = torch.from_numpy(rows[:, 1:].copy())
-        targets[~torch.from_numpy(masks)] = IGNORE
-        inputs = rows[:, :-1].copy()
+        """inputs, targets (batch, seq) int64; targets outside the loss (or the answer) are -100. With
+        lengths: also the in-document positions (batch, seq)."""
+        rows = [[self._row(tokens, answer, answer_only) for tokens, answer in self._pieces(i)] for i in indices]
+        inputs, targets = (torch.from_numpy(np.stack([np.concatenate([p[k] for p in row]) for row in rows]))
+                           for k in (0, 1))
+        if not self.lengths:
+            return inputs, targets
+        positions = np.stack([np.concatenate([np.arange(len(p[0])) for p in row]) for row in rows])
+        return inputs, targets, torch.from_numpy(positions)
+
+    def _row(self, tokens: np.ndarray, answer: np.ndarray, answer_only: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) of one sample, its answers hidden in the inputs where the task does that."""
+        mask = answer if answer_only else self.task.loss_mask(answer)
+        targets = np.where(mask, tokens[1:], IGNORE)
+        inputs = tokens[None, :-1].copy()
         if hasattr(self.task, "hide_answers"):
-            self.task.hide_answers(inputs, answers)
-        return torch.from_numpy(inputs), targets
+            self.task.hide_answers(inputs, answer[None])
+        return inputs[0], targets
 
 
 class TaskLoader(DataLoader):
