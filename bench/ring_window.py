@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 def _step(q, k, v, grad, **masks) -> tuple[float, int]:
     """(seconds, K/V bytes sent) of one forward + backward."""
-    from longtrain.trainer.parallel.context import attention_traffic
+    from longtrain.trainer.parallel.ring import attention_traffic
 
     for x in (q, k, v):
         x.grad = None
@@ -51,7 +51,8 @@ def _step(q, k, v, grad, **masks) -> tuple[float, int]:
 
 
 def _measure(rank, args) -> list[dict]:
-    from longtrain.trainer.parallel.context import _RingAttention, ring_attention, zigzag_split
+    from longtrain.trainer.parallel.ring import _RingAttention, ring_attention
+    from longtrain.trainer.parallel.zigzag import zigzag_split
 
     group = dist.group.WORLD
     generator = torch.Generator().manual_seed(0)

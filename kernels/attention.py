@@ -212,7 +212,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, causal: bool, softmax_scale: fl
 
 class _FlashAttention(torch.autograd.Function):
     """flash-attn through its lse-returning functions. The lse carries no gradient: ring attention, its one
-    consumer, differentiates each block from the merged out and lse instead (trainer/parallel/context.py)."""
+    consumer, differentiates each block from the merged out and lse instead (trainer/parallel/ring.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):

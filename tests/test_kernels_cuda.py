@@ -132,7 +132,7 @@ def test_flash_attn_lse_matches_float64_reference(causal, dtype):
 def test_flash_attn_blocks_merged_by_lse(dtype):
     """Ring attention's use of flash-attn on one GPU: two key blocks (the earlier one whole, the diagonal one
     causal) run forward separately, merged by their lse; each block's backward is handed the merged out and
-    lse (trainer/parallel/context.py). The result equals one causal attention over all keys."""
+    lse (trainer/parallel/ring.py). The result equals one causal attention over all keys."""
     from longtrain.kernels.attention import flash_attn_backward, flash_attn_forward
 
     _skip_without_flash_attn(dtype)

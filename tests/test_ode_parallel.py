@@ -1,6 +1,6 @@
 """O block split over 2 gloo processes equals the one-process block: tensor parallel (megatron-core
 column/row layers inside f, trainer/parallel/tensor.py; state replicated) and context parallel (state
-split along the sequence; the attention sublayer through trainer/parallel/context.py's ring attention).
+split along the sequence; the attention sublayer through trainer/parallel/ring.py's ring attention).
 
 Adaptive dopri5 is included: with `lockstep_sum` set, every rank accepts and rejects the same steps,
 as many as one process. Both layouts run in one pair of processes (megatron-core imported once); each
