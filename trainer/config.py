@@ -125,7 +125,8 @@ class S2AttnConfig(Section):
     """model.s2_attn: shifted sparse attention (S²-Attn; Chen et al. 2023, "LongLoRA", arXiv 2309.12307) while
     training: each query sees the keys of its own group of G tokens (groups start at multiples of G), and half of
     the heads use groups shifted by G/2 (starting at G/2 + m*G; the first is [0, G/2)), so information crosses
-    group borders through the shifted heads. Rotary positions stay the sequence's own. Evaluation, generation
+    group borders through the shifted heads. Rotary positions stay the sequence's own. Under context
+    parallelism each half of the heads runs the ring with its group starts as document starts. Evaluation, generation
     and cached decoding use full attention, as LongLoRA's inference does. Within packed documents a group also
     ends where its document does. Unlike LongLoRA's roll, the last shifted group does not wrap around to the
     sequence's first tokens. The shifted heads are those of the odd-numbered kv heads (with all the query heads
@@ -408,9 +409,6 @@ def check_s2_attn(r: Recipe) -> None:
     if m.n_kv_heads % r.parallel.tp == 0 and (m.n_kv_heads // r.parallel.tp) % 2:
         raise ValueError(f"model.s2_attn needs an even number of kv heads per tensor-parallel rank (half of them shift), "
                          f"got model.n_kv_heads={m.n_kv_heads} / parallel.tp={r.parallel.tp}")
-    if r.parallel.cp > 1:
-        raise ValueError(f"model.s2_attn with parallel.cp={r.parallel.cp}: ring attention takes one document mask for "
-                         "all heads and S²-Attn needs two; use parallel.cp=1 or unset model.s2_attn")
 
 
 def check_vocab(r: Recipe) -> None:

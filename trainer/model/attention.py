@@ -60,7 +60,7 @@ class Attention(nn.Module):
             return attention(q, k, v, causal=True, backend=self.backend, **self.masks)
         return attention(q, k, v, causal=True, backend=self.backend, doc_q=doc, doc_k=doc, **self.masks)
 
-    def _shifted_sparse_attend(self, q, k, v, doc=None):
+    def _shifted_sparse_attend(self, q, k, v, doc=None, context_parallel: bool = False):
         """Shifted sparse attention (S²-Attn; Chen et al. 2023, "LongLoRA", arXiv 2309.12307, section 3.2): a
         query sees the causal keys of its own group. Groups of the even
         kv heads (and their query heads) start at multiples of G = self.s2_group; those of the odd kv heads
@@ -73,26 +73,32 @@ class Attention(nn.Module):
         sequences, which every backend runs (flash_attn included, which takes no document masks); with
         documents, the group starts go to the op as document starts.
 
+        Under context parallelism (context_parallel: `self.attend` is the ring) each half of the heads goes
+        through the ring with its segment starts as document starts, at this rank's absolute positions.
+
         q: (batch, seq, heads, head_dim); k, v: (batch, seq, kv_heads, head_dim), kv_heads even; positions
-        0..seq-1. Returns (batch, seq, heads, head_dim)."""
+        0..seq-1, or this rank's (`self.positions`) under context parallelism. Returns (batch, seq, heads, head_dim)."""
         batch, seq, heads, head_dim = q.shape
         kv_heads, group = k.shape[2], self.s2_group
         half = group // 2
         # [plain, shifted]: the heads of the even, of the odd kv heads, each (batch, seq, heads / 2, head_dim)
         halves = [[x.unflatten(2, (kv_heads // 2, 2, -1))[:, :, :, parity].flatten(2, 3).contiguous()
                    for x in (q, k, v)] for parity in (0, 1)]
-        if doc is None and seq % group == 0 and not self.masks:
+        if doc is None and seq % group == 0 and not self.masks and not context_parallel:
             plain = self._attend_groups(*halves[0], group)
             # the shifted groups [0, G/2) and [seq - G/2, seq) side by side, then the G-token ones between them
             ends = self._attend_groups(*(torch.cat([x[:, :half], x[:, seq - half:]], dim=1) for x in halves[1]), half)
             middle = [self._attend_groups(*(x[:, half:seq - half] for x in halves[1]), group)] if seq > group else []
             shifted = torch.cat([ends[:, :half], *middle, ends[:, half:]], dim=1)
         else:
-            position = torch.arange(seq, device=q.device, dtype=torch.int32)
+            position = (self.positions(seq, q.device) if context_parallel else torch.arange(seq, device=q.device)).int()
             group_starts = (position - position % group, ((position + half) // group * group - half).clamp_min(0))
-            plain, shifted = (
-                attention(*part, causal=True, backend=self.backend, doc_q=start, doc_k=start, **self.masks)
-                for part, start in zip(halves, (self._segment_starts(s, doc, batch) for s in group_starts)))
+            starts = [self._segment_starts(s, doc, batch) for s in group_starts]
+            if context_parallel:
+                plain, shifted = (self.attend(*part, doc=start) for part, start in zip(halves, starts))
+            else:
+                plain, shifted = (attention(*part, causal=True, backend=self.backend, doc_q=start, doc_k=start,
+                                            **self.masks) for part, start in zip(halves, starts))
         # back to the heads' order: (batch, seq, kv_heads / 2, 2, heads / kv_heads, head_dim)
         return torch.stack([x.unflatten(2, (kv_heads // 2, -1)) for x in (plain, shifted)], dim=3).flatten(2, 4)
 
@@ -151,9 +157,9 @@ class Attention(nn.Module):
             # Bottom-right aligned causal mask: the new queries see every cached key.
             return self.out(attention(q, k, v, causal=True, backend=self.backend, **self.masks).reshape(batch, seq, -1))
         if self.s2_group is not None and self.training and self.attend != self._local_attend:
-            raise ValueError("Attention: model.s2_attn does not run under context parallelism (the ring takes one "
-                             "document mask for all heads)")
-        out = self.attend(q, k, v) if doc is None else self.attend(q, k, v, doc=doc)
+            out = self._shifted_sparse_attend(q, k, v, doc, context_parallel=True)
+        else:
+            out = self.attend(q, k, v) if doc is None else self.attend(q, k, v, doc=doc)
         return self.out(out.reshape(batch, seq, self.heads * self.head_dim))
 
     def _stream(self, x, state):
