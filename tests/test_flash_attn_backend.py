@@ -251,9 +251,9 @@ def test_ring_attention_on_flash_equals_one_process():
         assert "cpu/float32" in refusal
 
 
-def _model(attention="auto", scan="auto"):
+def _model(attention="auto", scan="auto", **fields):
     from longtrain.trainer.model.decoder import Decoder
-    config = ModelConfig(pattern="AM", d_model=32, n_heads=4, n_kv_heads=2, vocab_size=64, d_state=4)
+    config = ModelConfig(pattern="AM", d_model=32, n_heads=4, n_kv_heads=2, vocab_size=64, d_state=4, **fields)
     return Decoder(config, attention_backend=attention, scan_backend=scan)
 
 
@@ -288,3 +288,7 @@ def test_start_check_accepts_flash(flash, monkeypatch):
     check_context_parallel_kernels(_model(scan="reference"), cpu, torch.bfloat16)
     with pytest.raises(LongtrainError, match=r"^kernels\.scan=auto"):
         check_context_parallel_kernels(_model(), cpu, torch.bfloat16)
+    # masked layers (a window, S²-Attn's groups) are refused at start: flash_attn takes no masks here
+    for fields in ({"attention_window": 4}, {"s2_attn": {"group": 4}}):
+        with pytest.raises(LongtrainError, match=r"^kernels\.attention=auto would run ring attention"):
+            check_context_parallel_kernels(_model(scan="reference", **fields), cpu, torch.bfloat16)

@@ -180,7 +180,8 @@ def check_context_parallel_kernels(model: torch.nn.Module, device: torch.device,
     for module in model.modules():
         if isinstance(module, Attention):
             field, registry, op = "kernels.attention", attention_kernels.registry, "ring attention (attention with its lse)"
-            facts = dict(head_dim=module.head_dim, need_lse=True, masked=bool(module.masks))
+            # a window's or S²-Attn's group masks go to the kernel (flash_attn takes neither)
+            facts = dict(head_dim=module.head_dim, need_lse=True, masked=bool(module.masks) or module.s2_group is not None)
         elif isinstance(module, Mamba):
             field, registry, op = "kernels.scan", scan_kernels.registry, "the Mamba scan with initial and final state"
             facts = dict(state=module.d_state, initial_state=True, return_last_state=True)
