@@ -41,11 +41,10 @@ def _check_lengths(text: str | None, train_length: int, fix: str) -> list[int]:
 
 def check_eval_args(args) -> None:
     """Refuse bad `longtrain eval` options before the checkpoint is loaded."""
+    from longtrain.trainer.eval import check_cache_args
+
     _positive(args, "samples", "batch_size", "threads")
-    if args.sinks is not None and args.sinks < 0:
-        raise LongtrainError(f"--sinks {args.sinks}: must be >= 0 (the first tokens kept in the cache; 0 for none)")
-    if args.window is not None and args.window < 1:
-        raise LongtrainError(f"--window {args.window}: must be >= 1 (the last tokens kept, the current one among them)")
+    check_cache_args(args.sinks, args.window)
     if (args.window is not None or args.sinks is not None) and args.task != "streaming":
         raise LongtrainError("--window / --sinks set the cache of --task streaming; this is --task "
                              f"{args.task or 'default'}")

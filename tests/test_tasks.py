@@ -7,7 +7,7 @@ import torch
 from longtrain.trainer.config import DataConfig, load_recipe, recipe_from_dict
 from longtrain.trainer.data.tasks import IGNORE, MQAR, TaskDataset, TaskLoader, first_question, make_task
 from longtrain.trainer.errors import LongtrainError
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_recipe_refused
 
 
 def passkey_set(seq_len=64, split="train", **passkey):
@@ -131,7 +131,6 @@ def test_task_lengths_pack_independent_samples_as_documents():
     ({"task": "passkey", "seq_len": 64, "task_lengths": [32, 64]}, {"pp": 2}, ["data.task_lengths", "parallel.pp"]),
 ])
 def test_bad_task_lengths_are_one_line_errors(data, parallel, words):
-    from conftest import assert_recipe_refused
     raw = {"model": {"pattern": "AFAF", "vocab_size": 4096, "d_model": 32, "n_heads": 2}, "data": data,
            "parallel": parallel, "train": {"micro_batch_size": 2}}
     assert_recipe_refused(raw, words)

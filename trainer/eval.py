@@ -129,20 +129,25 @@ def _bucketed(per_position: torch.Tensor, count: torch.Tensor) -> dict:
     return {"position": centers, "loss": values}
 
 
+def check_cache_args(sinks: int | None, window: int | None) -> None:
+    """Refuse a streaming cache given with negative sinks or an empty window (None: the default)."""
+    if sinks is not None and sinks < 0:
+        raise LongtrainError(f"--sinks {sinks}: must be >= 0 (the first tokens kept in the cache; 0 for none)")
+    if window is not None and window < 1:
+        raise LongtrainError(f"--window {window}: must be >= 1 (the last tokens kept, the current one among them)")
+
+
 def streaming_cache(recipe: Recipe, sinks: int | None = None, window: int | None = None) -> tuple[int, int]:
     """(sinks, window) of the streaming cache: the given values, else the defaults of the module docstring."""
+    check_cache_args(sinks, window)
     model, train_length = recipe.model, recipe.data.seq_len
     if sinks is None:
         sinks = model.attention_sinks if model.attention_window is not None and model.attention_sinks else DEFAULT_SINKS
-    if sinks < 0:
-        raise LongtrainError(f"--sinks {sinks}: must be >= 0 (the first tokens kept in the cache; 0 for none)")
     if window is None:
         window = model.attention_window if model.attention_window is not None else train_length - sinks
         if window < 1:
             raise LongtrainError(f"--sinks {sinks} leaves no window in the training length {train_length}: "
                                  "pass --window N (N >= 1) or fewer sinks")
-    if window < 1:
-        raise LongtrainError(f"--window {window}: must be >= 1 (the last tokens kept, the current one among them)")
     return sinks, window
 
 
